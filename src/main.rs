@@ -1,3 +1,3 @@
 fn main() {
-    println!("Hello, world!");
+    std::process::exit(krill::cli::main(std::env::args().collect()));
 }

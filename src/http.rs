@@ -1,0 +1,523 @@
+//! HTTPS routes (PROTOCOL §5) on tiny_http with rustls. Workers parse and
+//! authenticate requests, then ask the state owner; `/sse` streams are handed to a
+//! thread of their own so a long stream never holds a worker.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use tiny_http::{Header, Method, Request, Response};
+
+use crate::config::Config;
+use crate::proto;
+use crate::sse;
+use crate::state::{Call, Counters, Event, Reply, SharedKeys, SubReply};
+use crate::tls::{self, Identity, Verifier};
+use crate::util::{self, short};
+
+/// How long a worker waits for the state owner before answering 503.
+const STATE_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Online-guessing limiter (PROTOCOL §9): 5 failed bearer checks from one address
+/// within a minute lock it out of authenticated routes for a minute.
+#[derive(Default)]
+pub struct AuthLimiter {
+    by_ip: HashMap<IpAddr, Strikes>,
+}
+
+#[derive(Default)]
+struct Strikes {
+    fails: VecDeque<Instant>,
+    locked_until: Option<Instant>,
+    warned_at: Option<Instant>,
+}
+
+impl Strikes {
+    /// True when a warning for this address is due (once a minute at most).
+    fn warn_due(&mut self, now: Instant) -> bool {
+        if self
+            .warned_at
+            .is_none_or(|t| now.duration_since(t) >= proto::AUTH_WINDOW)
+        {
+            self.warned_at = Some(now);
+            return true;
+        }
+        false
+    }
+}
+
+/// What the limiter says about a request.
+#[derive(Debug, PartialEq)]
+pub enum Verdict {
+    Allowed,
+    /// Locked out; `warn` when a log line is due.
+    Locked {
+        warn: bool,
+    },
+}
+
+impl AuthLimiter {
+    pub fn check(&mut self, ip: IpAddr, now: Instant) -> Verdict {
+        let Some(s) = self.by_ip.get_mut(&ip) else {
+            return Verdict::Allowed;
+        };
+        match s.locked_until {
+            Some(t) if now < t => Verdict::Locked {
+                warn: s.warn_due(now),
+            },
+            _ => Verdict::Allowed,
+        }
+    }
+
+    /// Records a failed check; true when this failure starts a lock-out and a
+    /// warning is due.
+    pub fn fail(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if self.by_ip.len() > 10_000 {
+            self.by_ip.retain(|_, s| {
+                s.locked_until.is_some_and(|t| t > now)
+                    || s.fails
+                        .back()
+                        .is_some_and(|t| now.duration_since(*t) < proto::AUTH_WINDOW)
+            });
+        }
+        let s = self.by_ip.entry(ip).or_default();
+        s.fails.push_back(now);
+        while s
+            .fails
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= proto::AUTH_WINDOW)
+        {
+            s.fails.pop_front();
+        }
+        if s.fails.len() >= proto::AUTH_MAX_FAILURES {
+            s.fails.clear();
+            s.locked_until = Some(now + proto::AUTH_LOCKOUT);
+            return s.warn_due(now);
+        }
+        false
+    }
+}
+
+/// What every worker shares.
+pub struct HttpCtx {
+    pub install_id: String,
+    pub identity: Identity,
+    pub keys: SharedKeys,
+    pub tx: Sender<Event>,
+    pub counters: Arc<Counters>,
+    pub keepalive: Duration,
+    pub dial_timeout: Duration,
+    pub state_dir: PathBuf,
+    pub limiter: Mutex<AuthLimiter>,
+}
+
+/// Binds the listener and starts the workers. Fails with a clear message when the
+/// address is taken or not ours.
+pub fn start(cfg: &Config, ctx: Arc<HttpCtx>) -> Result<SocketAddr, String> {
+    let addr = SocketAddr::new(cfg.bind, cfg.port);
+    let listener = TcpListener::bind(addr)
+        .map_err(|e| format!("cannot listen on {addr} (bind, port): {e}"))?;
+    let ssl = tiny_http::SslConfig {
+        certificate: ctx.identity.cert_pem.clone().into_bytes(),
+        private_key: ctx.identity.key_pem.clone().into_bytes(),
+    };
+    let server = Arc::new(
+        tiny_http::Server::from_listener(listener, Some(ssl))
+            .map_err(|e| format!("cannot start HTTPS on {addr}: {e}"))?,
+    );
+    for i in 0..cfg.http_threads {
+        let (server, ctx) = (server.clone(), ctx.clone());
+        std::thread::Builder::new()
+            .name(format!("http-{i}"))
+            .stack_size(512 * 1024)
+            .spawn(move || {
+                loop {
+                    match server.recv() {
+                        Ok(rq) => handle(&ctx, rq),
+                        Err(e) => {
+                            log::warn!("HTTPS listener: {e}");
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start HTTP worker: {e}"))?;
+    }
+    Ok(addr)
+}
+
+fn json_response(status: u16, body: String) -> Response<std::io::Cursor<Vec<u8>>> {
+    let r = Response::from_data(body.into_bytes()).with_status_code(status);
+    if status == 204 {
+        return r;
+    }
+    r.with_header(Header::from_bytes("Content-Type", "application/json").expect("valid header"))
+}
+
+fn respond(ctx: &HttpCtx, rq: Request, status: u16, body: String) {
+    ctx.counters.add(&ctx.counters.data_sent, body.len() as u64);
+    let _ = rq.respond(json_response(status, body));
+}
+
+fn error(ctx: &HttpCtx, rq: Request, status: u16, msg: &str) {
+    respond(ctx, rq, status, json!({ "error": msg }).to_string());
+}
+
+fn header<'a>(rq: &'a Request, name: &'static str) -> Option<&'a str> {
+    rq.headers()
+        .iter()
+        .find(|h| h.field.equiv(name))
+        .map(|h| h.value.as_str())
+}
+
+/// Minimal `%XX` decoding of a query value.
+fn pct_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex_at = |j: usize| b.get(j).and_then(|c| (*c as char).to_digit(16));
+        if b[i] == b'%' {
+            if let (Some(h), Some(l)) = (hex_at(i + 1), hex_at(i + 2)) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn query_param(query: &str, key: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| pct_decode(v))
+}
+
+fn handle(ctx: &HttpCtx, rq: Request) {
+    let url = rq.url().to_string();
+    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let method = rq.method().clone();
+    let remote = rq.remote_addr().map(|a| a.ip());
+
+    // Routes without authentication.
+    match segs.as_slice() {
+        ["livez"] => return respond(ctx, rq, 200, r#"{"status":"ok"}"#.into()),
+        ["trust"] => {
+            let Some(keys) = ctx.keys.read().clone() else {
+                return error(ctx, rq, 503, "no cluster PIN set");
+            };
+            let proof = tls::proof(&keys.trust_key, &ctx.install_id, &ctx.identity.cert_der);
+            let body = json!({"installId": ctx.install_id, "certPem": ctx.identity.cert_pem, "proof": proof});
+            return respond(ctx, rq, 200, body.to_string());
+        }
+        _ => {}
+    }
+    let known = matches!(
+        segs.as_slice(),
+        ["health"]
+            | ["sse"]
+            | ["nodes"]
+            | ["nodes", _]
+            | ["nodes", _, "value" | "invoke"]
+            | ["network", "peers" | "stats"]
+    );
+    if !known {
+        return error(ctx, rq, 404, "no such route");
+    }
+    let Some(keys) = ctx.keys.read().clone() else {
+        return error(ctx, rq, 503, "no cluster PIN set");
+    };
+    let ip = remote.unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    if let Verdict::Locked { warn } = ctx.limiter.lock().check(ip, Instant::now()) {
+        if warn {
+            log::warn!("{ip} is locked out for failed bearer tokens; answering 429");
+        }
+        return error(
+            ctx,
+            rq,
+            429,
+            "too many failed attempts; try again in a minute",
+        );
+    }
+    let token = header(&rq, "Authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !util::ct_eq(token.trim().as_bytes(), keys.bearer.as_bytes()) {
+        if ctx.limiter.lock().fail(ip, Instant::now()) {
+            log::warn!(
+                "{ip} failed {} bearer checks within a minute; locked out for a minute",
+                proto::AUTH_MAX_FAILURES
+            );
+        }
+        return error(ctx, rq, 401, "unauthorized");
+    }
+
+    let call = match (&method, segs.as_slice()) {
+        (Method::Get, ["health"]) => Call::Health {
+            observed: remote.map(|a| a.to_string()).unwrap_or_default(),
+        },
+        (Method::Get, ["sse"]) => {
+            return subscribe(
+                ctx,
+                rq,
+                query_param(query, "scope").as_deref() == Some("all"),
+            );
+        }
+        (Method::Get, ["nodes"]) => Call::Nodes {
+            host: query_param(query, "host"),
+        },
+        (Method::Get, ["nodes", id]) => Call::Node { id: id.to_string() },
+        (Method::Put, ["nodes", id]) => {
+            let id = id.to_string();
+            match read_json(ctx, rq) {
+                Ok((rq, body)) => return call_state(ctx, rq, Call::Put { id, body }),
+                Err(()) => return,
+            }
+        }
+        (Method::Delete, ["nodes", id]) => Call::Delete { id: id.to_string() },
+        (Method::Post, ["nodes", id, "value"]) => {
+            let id = id.to_string();
+            let (rq, body) = match read_json(ctx, rq) {
+                Ok(x) => x,
+                Err(()) => return,
+            };
+            match crate::node::parse_value_body(&body) {
+                Ok(value) => return call_state(ctx, rq, Call::SetValue { id, value }),
+                Err(e) => return error(ctx, rq, 400, &e),
+            }
+        }
+        (Method::Post, ["nodes", id, "invoke"]) => Call::Invoke { id: id.to_string() },
+        (Method::Get, ["network", "peers"]) => Call::Peers {
+            healthy_only: query_param(query, "healthy").as_deref() == Some("true"),
+        },
+        (Method::Get, ["network", "stats"]) => Call::Stats,
+        _ => {
+            return error(
+                ctx,
+                rq,
+                405,
+                &format!("method {method} not allowed on {path}"),
+            );
+        }
+    };
+    call_state(ctx, rq, call);
+}
+
+/// Reads a JSON body of at most 1 MiB; answers 413 or 400 itself on failure.
+fn read_json(ctx: &HttpCtx, mut rq: Request) -> Result<(Request, Value), ()> {
+    if rq.body_length().is_some_and(|n| n > proto::MAX_BODY_BYTES) {
+        error(ctx, rq, 413, "body over 1 MiB");
+        return Err(());
+    }
+    let mut data = Vec::new();
+    let read = rq
+        .as_reader()
+        .take(proto::MAX_BODY_BYTES as u64 + 1)
+        .read_to_end(&mut data);
+    ctx.counters
+        .add(&ctx.counters.data_received, data.len() as u64);
+    if let Err(e) = read {
+        error(ctx, rq, 400, &format!("cannot read body: {e}"));
+        return Err(());
+    }
+    if data.len() > proto::MAX_BODY_BYTES {
+        error(ctx, rq, 413, "body over 1 MiB");
+        return Err(());
+    }
+    match serde_json::from_slice(&data) {
+        Ok(v) => Ok((rq, v)),
+        Err(e) => {
+            error(ctx, rq, 400, &format!("body is not JSON: {e}"));
+            Err(())
+        }
+    }
+}
+
+fn call_state(ctx: &HttpCtx, rq: Request, call: Call) {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    if ctx.tx.send(Event::Call { call, reply: tx }).is_err() {
+        return error(ctx, rq, 503, "shutting down");
+    }
+    match rx.recv_timeout(STATE_REPLY_TIMEOUT) {
+        Ok(Reply::Json { status, body }) => respond(ctx, rq, status, body),
+        Ok(Reply::Forward {
+            install_id,
+            name,
+            address,
+            port,
+            path,
+            body,
+        }) => {
+            let (status, body) = forward(
+                ctx,
+                &install_id,
+                SocketAddr::new(address, port),
+                &path,
+                &body,
+            )
+            .unwrap_or_else(|e| {
+                let msg = format!("owner {name} ({}) unreachable: {e}", short(&install_id));
+                (502, json!({ "error": msg }).to_string())
+            });
+            respond(ctx, rq, status, body)
+        }
+        Err(_) => error(ctx, rq, 503, "the state thread did not answer in time"),
+    }
+}
+
+/// POSTs `body` to `path` on the owner over its pinned certificate.
+fn forward(
+    ctx: &HttpCtx,
+    install_id: &str,
+    to: SocketAddr,
+    path: &str,
+    body: &str,
+) -> Result<(u16, String), String> {
+    let der = tls::load_pin(&ctx.state_dir, install_id).ok_or("no pinned certificate")?;
+    let keys = ctx.keys.read().clone().ok_or("no cluster PIN set")?;
+    let agent = tls::agent(
+        Verifier::pinned(der),
+        ctx.dial_timeout,
+        Duration::from_secs(5),
+    );
+    let r = agent
+        .post(&format!("https://{to}{path}"))
+        .set("Authorization", &format!("Bearer {}", keys.bearer))
+        .set("Content-Type", "application/json")
+        .send_string(body);
+    let resp = match r {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(ureq::Error::Transport(t)) => return Err(t.to_string()),
+    };
+    let status = resp.status();
+    Ok((status, crate::peer::read_small(resp)?))
+}
+
+fn subscribe(ctx: &HttpCtx, rq: Request, all: bool) {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let last_event_id = header(&rq, "Last-Event-ID").map(str::to_string);
+    let ev = Event::Subscribe {
+        scope_all: all,
+        last_event_id,
+        reply: tx,
+    };
+    if ctx.tx.send(ev).is_err() {
+        return error(ctx, rq, 503, "shutting down");
+    }
+    match rx.recv_timeout(STATE_REPLY_TIMEOUT) {
+        Ok(SubReply::Ok { id, initial, rx }) => {
+            let w = rq.into_writer();
+            let (counters, tx, keepalive) = (ctx.counters.clone(), ctx.tx.clone(), ctx.keepalive);
+            let spawned = std::thread::Builder::new()
+                .name(format!("sse-{id}"))
+                .stack_size(crate::peer::PEER_STACK)
+                .spawn(move || {
+                    let _ = sse::serve(w, initial, rx, keepalive, &counters);
+                    let _ = tx.send(Event::Unsubscribe(id));
+                });
+            if let Err(e) = spawned {
+                log::error!("cannot start an SSE thread: {e}");
+                let _ = ctx.tx.send(Event::Unsubscribe(id));
+            }
+        }
+        Ok(SubReply::TooMany) => {
+            let body = json!({"error": format!("too many SSE subscribers (max {})", proto::MAX_SSE_SUBSCRIBERS)});
+            let r = json_response(503, body.to_string()).with_header(
+                Header::from_bytes("Retry-After", proto::SSE_RETRY_AFTER_S.to_string())
+                    .expect("valid header"),
+            );
+            let _ = rq.respond(r);
+        }
+        Err(_) => error(ctx, rq, 503, "the state thread did not answer in time"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn five_failures_lock_out_for_a_minute() {
+        let mut l = AuthLimiter::default();
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        let other: IpAddr = "10.0.0.10".parse().unwrap();
+        let t0 = Instant::now();
+        for i in 0..4 {
+            assert!(!l.fail(ip, t0 + Duration::from_secs(i)));
+            assert_eq!(l.check(ip, t0 + Duration::from_secs(i)), Verdict::Allowed);
+        }
+        assert!(
+            l.fail(ip, t0 + Duration::from_secs(5)),
+            "5th failure locks and warns"
+        );
+        let t = t0 + Duration::from_secs(6);
+        assert_eq!(
+            l.check(ip, t),
+            Verdict::Locked { warn: false },
+            "warned already this minute"
+        );
+        assert_eq!(l.check(other, t), Verdict::Allowed, "per address");
+        assert_eq!(
+            l.check(ip, t0 + Duration::from_secs(66)),
+            Verdict::Allowed,
+            "a minute later"
+        );
+    }
+
+    #[test]
+    fn slow_failures_never_lock() {
+        let mut l = AuthLimiter::default();
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        let t0 = Instant::now();
+        for i in 0..20 {
+            assert!(!l.fail(ip, t0 + Duration::from_secs(16 * i)));
+        }
+        assert_eq!(l.check(ip, t0 + Duration::from_secs(400)), Verdict::Allowed);
+    }
+
+    #[test]
+    fn warns_once_a_minute_while_locked() {
+        let mut l = AuthLimiter::default();
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            l.fail(ip, t0);
+        }
+        assert_eq!(
+            l.check(ip, t0 + Duration::from_secs(30)),
+            Verdict::Locked { warn: false }
+        );
+        // Locked again by new failures right after expiry: a new warning is due.
+        let t1 = t0 + Duration::from_secs(61);
+        for _ in 0..4 {
+            assert!(!l.fail(ip, t1));
+        }
+        assert!(l.fail(ip, t1));
+    }
+
+    #[test]
+    fn query_params() {
+        assert_eq!(
+            query_param("scope=all&x=1", "scope").as_deref(),
+            Some("all")
+        );
+        assert_eq!(query_param("host=a%2Db", "host").as_deref(), Some("a-b"));
+        assert_eq!(query_param("healthy", "healthy").as_deref(), Some(""));
+        assert_eq!(query_param("", "x"), None);
+        assert_eq!(pct_decode("%zz%4"), "%zz%4");
+        assert_eq!(pct_decode("%é"), "%é", "no panic inside a UTF-8 character");
+    }
+}

@@ -1,0 +1,18 @@
+//! krill: a small daemon that turns a handful of servers on one network into a
+//! self-organising mesh. See `docs/protocol.md` and the README.
+
+pub mod beacon;
+pub mod cli;
+pub mod config;
+pub mod credentials;
+pub mod daemon;
+pub mod http;
+pub mod logging;
+pub mod node;
+pub mod peer;
+pub mod proto;
+pub mod sse;
+pub mod state;
+pub mod store;
+pub mod tls;
+pub mod util;

@@ -1,0 +1,487 @@
+//! The per-peer thread: trust (`/trust`, proof, pin), health (`/health` with the
+//! bearer), then a blocking read of the peer's `/sse` with a read timeout of 2.5
+//! keep-alives. Every outcome is reported to the state owner; on failure it backs
+//! off (jittered exponential) until told to dial now or to stop. It never touches
+//! shared state. The health rule and the backoff schedule are plain functions.
+
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use serde::Deserialize;
+
+use crate::config::Timings;
+use crate::node::Node;
+use crate::proto;
+use crate::sse;
+use crate::state::{Counters, Event, PeerReport, SharedKeys};
+use crate::tls::{self, Verifier};
+use crate::util::{self, short};
+
+/// Stack for threads that exist per peer: a Pi with 1 GB holds hundreds.
+pub const PEER_STACK: usize = 512 * 1024;
+
+/// Most bytes read from `/trust` or `/health`.
+const SMALL_BODY_LIMIT: u64 = 64 * 1024;
+
+/// What the state owner tells a peer thread.
+#[derive(Debug)]
+pub enum PeerCtl {
+    /// Dial this address now (a fresh beacon; resets the backoff).
+    DialNow {
+        address: IpAddr,
+        port: u16,
+    },
+    Stop,
+}
+
+/// What a peer thread needs, shared by all of them.
+#[derive(Clone)]
+pub struct PeerCtx {
+    pub state_dir: PathBuf,
+    pub keys: SharedKeys,
+    pub timings: Timings,
+    pub tx: Sender<Event>,
+    pub counters: Arc<Counters>,
+}
+
+/// A peer's `/health` as we read it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Health {
+    pub install_id: String,
+    pub session_id: String,
+    pub name: String,
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub os: String,
+    #[serde(default)]
+    pub platform: String,
+    #[serde(default)]
+    pub observed_address: Option<String>,
+}
+
+/// PROTOCOL §7: healthy = connected, or (answered within 5 min and success rate over
+/// 50 %), or fewer than 5 attempts so far.
+pub fn healthy(
+    connected: bool,
+    since_success: Option<Duration>,
+    successes: u64,
+    failures: u64,
+) -> bool {
+    connected
+        || (since_success.is_some_and(|d| d < proto::HEALTHY_RECENT) && successes > failures)
+        || successes + failures < proto::HEALTHY_MIN_ATTEMPTS
+}
+
+/// Reconnect delays: `min`, `2 min`, `4 min` ... capped at `max`, each jittered
+/// by ±20 % (never past `max`) so a cluster that lost a peer does not redial in step.
+#[derive(Debug)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            min,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The un-jittered delay of the next attempt.
+    pub fn base(&self) -> Duration {
+        self.min
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(self.max)
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let d = util::jitter(self.base(), 0.2).min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        d
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+enum End {
+    Stop,
+    Failed { reason: String, was_connected: bool },
+}
+
+fn failed(reason: impl Into<String>) -> End {
+    End::Failed {
+        reason: reason.into(),
+        was_connected: false,
+    }
+}
+
+/// Starts the thread for one peer; it dials at once.
+pub fn spawn(
+    ctx: PeerCtx,
+    install_id: String,
+    generation: u64,
+    address: IpAddr,
+    port: u16,
+) -> std::io::Result<Sender<PeerCtl>> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    std::thread::Builder::new()
+        .name(format!("peer-{}", short(&install_id)))
+        .stack_size(PEER_STACK)
+        .spawn(move || {
+            let mut t = PeerThread {
+                ctx,
+                install_id,
+                generation,
+                target: SocketAddr::new(address, port),
+                last_event_id: None,
+                last_trust_error: None,
+                rx,
+            };
+            t.run();
+        })?;
+    Ok(tx)
+}
+
+struct PeerThread {
+    ctx: PeerCtx,
+    install_id: String,
+    generation: u64,
+    target: SocketAddr,
+    /// `id:` of the last event read, for `Last-Event-ID` on reconnect.
+    last_event_id: Option<String>,
+    last_trust_error: Option<String>,
+    rx: Receiver<PeerCtl>,
+}
+
+impl PeerThread {
+    fn report(&self, report: PeerReport) -> bool {
+        self.ctx
+            .tx
+            .send(Event::Peer {
+                install_id: self.install_id.clone(),
+                generation: self.generation,
+                report,
+            })
+            .is_ok()
+    }
+
+    fn run(&mut self) {
+        let t = &self.ctx.timings;
+        let mut backoff = Backoff::new(t.backoff_min, t.backoff_max);
+        let mut wait = Duration::ZERO;
+        loop {
+            let deadline = Instant::now() + wait;
+            loop {
+                match self.rx.recv_deadline(deadline) {
+                    Ok(PeerCtl::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                    Ok(PeerCtl::DialNow { address, port }) => {
+                        self.target = SocketAddr::new(address, port);
+                        backoff.reset();
+                        break;
+                    }
+                    Err(RecvTimeoutError::Timeout) => break,
+                }
+            }
+            if !self.report(PeerReport::Dialing) {
+                return;
+            }
+            match self.session() {
+                End::Stop => return,
+                End::Failed {
+                    reason,
+                    was_connected,
+                } => {
+                    if !self.report(PeerReport::Failed {
+                        reason,
+                        was_connected,
+                    }) {
+                        return;
+                    }
+                    if was_connected {
+                        backoff.reset();
+                    }
+                    wait = backoff.next_delay();
+                }
+            }
+        }
+    }
+
+    fn label(&self) -> String {
+        format!("{} at {}", short(&self.install_id), self.target)
+    }
+
+    fn trust_error(&mut self, msg: String) -> End {
+        if self.last_trust_error.as_deref() != Some(msg.as_str()) {
+            log::error!("trust failed for peer {}: {msg}", self.label());
+            self.last_trust_error = Some(msg.clone());
+        }
+        failed(format!("trust: {msg}"))
+    }
+
+    /// Fetches `/trust`, checks the proof and that it names the certificate the
+    /// server presented, and pins it. Returns the certificate (DER).
+    fn trust(&mut self, trust_key: &[u8]) -> Result<Vec<u8>, End> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct TrustBody {
+            install_id: String,
+            cert_pem: String,
+            proof: String,
+        }
+        let t = &self.ctx.timings;
+        let rec = Verifier::recording();
+        let agent = tls::agent(
+            rec.clone(),
+            t.dial_timeout,
+            t.dial_timeout.max(Duration::from_secs(3)),
+        );
+        let body = get(
+            &agent,
+            &format!("https://{}/trust", self.target),
+            None,
+            None,
+        )
+        .and_then(|(_, r)| read_small(r))
+        .map_err(failed)?;
+        let tb: TrustBody = serde_json::from_str(&body)
+            .map_err(|e| failed(format!("/trust answer is not valid: {e}")))?;
+        if tb.install_id != self.install_id {
+            return Err(self.trust_error(format!(
+                "it answers as {}, not the server that beaconed",
+                short(&tb.install_id)
+            )));
+        }
+        let Some(der) = tls::pem_to_der(&tb.cert_pem) else {
+            return Err(self.trust_error("certPem holds no certificate".into()));
+        };
+        if rec.seen().as_deref() != Some(der.as_slice()) {
+            return Err(self
+                .trust_error("certPem is not the certificate presented in the handshake".into()));
+        }
+        if !tls::check_proof(trust_key, &tb.install_id, &der, &tb.proof) {
+            return Err(self.trust_error("bad proof (another cluster PIN, or an impostor)".into()));
+        }
+        let dir = &self.ctx.state_dir;
+        match tls::load_pin(dir, &self.install_id) {
+            Some(p) if p == der => {}
+            old => {
+                if old.is_some() {
+                    log::warn!(
+                        "peer {} presents a new certificate with a valid proof (reinstalled?); pinned the new one",
+                        self.label()
+                    );
+                } else {
+                    log::info!("pinned the certificate of peer {}", self.label());
+                }
+                if let Err(e) = tls::save_pin(dir, &self.install_id, &tb.cert_pem) {
+                    log::error!("{e}");
+                }
+            }
+        }
+        self.last_trust_error = None;
+        Ok(der)
+    }
+
+    fn session(&mut self) -> End {
+        let Some(keys) = self.ctx.keys.read().clone() else {
+            return failed("no cluster PIN set");
+        };
+        let der = match self.trust(&keys.trust_key) {
+            Ok(d) => d,
+            Err(e) => return e,
+        };
+        let t = self.ctx.timings.clone();
+        let agent = tls::agent(Verifier::pinned(der), t.dial_timeout, t.sse_dead_after());
+        let base = format!("https://{}", self.target);
+        let health = match get(&agent, &format!("{base}/health"), Some(&keys.bearer), None)
+            .and_then(|(_, r)| read_small(r))
+            .and_then(|b| {
+                serde_json::from_str::<Health>(&b).map_err(|e| format!("bad /health: {e}"))
+            }) {
+            Ok(h) => h,
+            Err(e) => return failed(e),
+        };
+        if health.install_id != self.install_id {
+            return failed(format!("/health names {}", short(&health.install_id)));
+        }
+        let resume = self
+            .last_event_id
+            .as_deref()
+            .filter(|id| sse::parse_event_id(id).is_some_and(|(s, _)| s == health.session_id));
+        let resp = match get(&agent, &format!("{base}/sse"), Some(&keys.bearer), resume) {
+            Ok((200, r)) => r,
+            Ok((status, _)) => return failed(format!("/sse answered {status}")),
+            Err(e) => return failed(e),
+        };
+        if !self.report(PeerReport::Connected(health)) {
+            return End::Stop;
+        }
+        let mut reader = sse::Reader::new(resp.into_reader());
+        let mut counted = 0;
+        loop {
+            let ev = reader.next_event();
+            self.ctx
+                .counters
+                .add(&self.ctx.counters.data_received, reader.bytes - counted);
+            counted = reader.bytes;
+            // Between events: a stop, or a move to a new address, ends the stream.
+            while let Ok(ctl) = self.rx.try_recv() {
+                match ctl {
+                    PeerCtl::Stop => return End::Stop,
+                    PeerCtl::DialNow { address, port } => {
+                        let to = SocketAddr::new(address, port);
+                        if to != self.target {
+                            self.target = to;
+                            return End::Failed {
+                                reason: format!("moved to {to}"),
+                                was_connected: true,
+                            };
+                        }
+                    }
+                }
+            }
+            let lost = |reason: String| End::Failed {
+                reason,
+                was_connected: true,
+            };
+            let ev = match ev {
+                Ok(Some(ev)) => ev,
+                Ok(None) => return lost("stream closed".into()),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return lost(format!("silent for {} ms", t.sse_dead_after().as_millis()));
+                }
+                Err(e) => return lost(format!("stream error: {e}")),
+            };
+            let report = match ev.event.as_str() {
+                "snapshot" => {
+                    #[derive(Deserialize)]
+                    struct Snap {
+                        nodes: Vec<Node>,
+                    }
+                    serde_json::from_str::<Snap>(&ev.data).map(|s| PeerReport::Snapshot(s.nodes))
+                }
+                "node" => serde_json::from_str::<Node>(&ev.data).map(PeerReport::Node),
+                "delete" => {
+                    #[derive(Deserialize)]
+                    struct Del {
+                        id: String,
+                    }
+                    serde_json::from_str::<Del>(&ev.data).map(|d| PeerReport::Delete(d.id))
+                }
+                _ => continue,
+            };
+            if ev.id.is_some() {
+                self.last_event_id = ev.id;
+            }
+            match report {
+                Ok(r) => {
+                    if !self.report(r) {
+                        return End::Stop;
+                    }
+                }
+                Err(e) => log::debug!("peer {}: bad {} event: {e}", self.label(), ev.event),
+            }
+        }
+    }
+}
+
+/// GET with an optional bearer and `Last-Event-ID`. Any HTTP status comes back as
+/// `Ok((status, response))`; 401 and 429 become errors that say what they mean.
+pub fn get(
+    agent: &ureq::Agent,
+    url: &str,
+    bearer: Option<&str>,
+    last_event_id: Option<&str>,
+) -> Result<(u16, ureq::Response), String> {
+    let mut req = agent.get(url);
+    if let Some(b) = bearer {
+        req = req.set("Authorization", &format!("Bearer {b}"));
+    }
+    if let Some(id) = last_event_id {
+        req = req.set("Last-Event-ID", id);
+    }
+    match req.call() {
+        Ok(r) => Ok((r.status(), r)),
+        Err(ureq::Error::Status(401, _)) => {
+            Err("refused our bearer token (another cluster PIN?)".into())
+        }
+        Err(ureq::Error::Status(429, _)) => Err("rate limited us (429)".into()),
+        Err(ureq::Error::Status(s, r)) => Ok((s, r)),
+        Err(ureq::Error::Transport(t)) => Err(t.to_string()),
+    }
+}
+
+/// Reads a small body (at most 64 KiB).
+pub fn read_small(r: ureq::Response) -> Result<String, String> {
+    let mut s = String::new();
+    r.into_reader()
+        .take(SMALL_BODY_LIMIT)
+        .read_to_string(&mut s)
+        .map_err(|e| format!("reading the answer: {e}"))?;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn health_rules() {
+        assert!(healthy(true, None, 0, 100), "connected is healthy");
+        assert!(healthy(false, None, 0, 4), "fewer than 5 attempts");
+        assert!(!healthy(false, None, 0, 5), "5 failures, never answered");
+        assert!(healthy(false, Some(60 * S), 6, 5), "recent and over 50 %");
+        assert!(
+            !healthy(false, Some(60 * S), 5, 5),
+            "exactly 50 % is not over"
+        );
+        assert!(
+            !healthy(false, Some(301 * S), 10, 1),
+            "answered too long ago"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap_and_resets() {
+        let mut b = Backoff::new(S, 30 * S);
+        let bases: Vec<u64> = (0..8)
+            .map(|_| {
+                let base = b.base().as_secs();
+                let d = b.next_delay();
+                assert!(d <= 30 * S);
+                assert!(
+                    d.as_secs_f64() >= base as f64 * 0.8 - 1e-9,
+                    "{d:?} vs {base}"
+                );
+                base
+            })
+            .collect();
+        assert_eq!(bases, vec![1, 2, 4, 8, 16, 30, 30, 30]);
+        b.reset();
+        assert_eq!(b.base(), S);
+        for _ in 0..100 {
+            b.next_delay();
+        }
+        assert_eq!(b.base(), 30 * S, "no overflow after many attempts");
+    }
+}

@@ -1,0 +1,266 @@
+//! Server-Sent Events (PROTOCOL §6): frames, the writer that serves one subscriber
+//! from its bounded queue, and the reader a peer thread uses on another server's
+//! stream (bounded line length).
+
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+use crate::proto;
+use crate::state::Counters;
+
+/// One serialized event, shared by every subscriber that gets it.
+#[derive(Debug)]
+pub struct Frame {
+    pub seq: u64,
+    /// An event about one of this server's own nodes (own-scope subscribers get it).
+    pub own: bool,
+    pub text: String,
+}
+
+/// `id: <session>:<seq>\nevent: <kind>\ndata: <json>\n\n`.
+pub fn frame_text(session: &str, seq: u64, event: &str, data: &str) -> String {
+    debug_assert!(!data.contains('\n'), "compact JSON has no newlines");
+    format!("id: {session}:{seq}\nevent: {event}\ndata: {data}\n\n")
+}
+
+/// Splits a `Last-Event-ID` into session and sequence.
+pub fn parse_event_id(id: &str) -> Option<(&str, u64)> {
+    let (s, n) = id.trim().rsplit_once(':')?;
+    Some((s, n.parse().ok()?))
+}
+
+pub const HEADERS: &str = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\nX-Accel-Buffering: no\r\n\r\n";
+
+/// Serves one subscriber: headers, the initial frames, then whatever the state owner
+/// queues, with a `:` comment after every `keepalive` of silence. Returns when the
+/// client goes away or the state owner drops the queue (slow subscriber, shutdown).
+pub fn serve(
+    mut w: Box<dyn Write + Send>,
+    initial: Vec<Arc<Frame>>,
+    rx: Receiver<Arc<Frame>>,
+    keepalive: Duration,
+    counters: &Counters,
+) -> io::Result<()> {
+    let put = |w: &mut Box<dyn Write + Send>, s: &str| -> io::Result<()> {
+        w.write_all(s.as_bytes())?;
+        counters.add(&counters.data_sent, s.len() as u64);
+        Ok(())
+    };
+    put(&mut w, HEADERS)?;
+    for f in &initial {
+        put(&mut w, &f.text)?;
+    }
+    w.flush()?;
+    loop {
+        match rx.recv_timeout(keepalive) {
+            Ok(f) => {
+                put(&mut w, &f.text)?;
+                // Write everything already queued before one flush.
+                while let Ok(f) = rx.try_recv() {
+                    put(&mut w, &f.text)?;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => put(&mut w, ":\n\n")?,
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+        w.flush()?;
+    }
+}
+
+/// One event as read from a stream.
+#[derive(Debug, Default, PartialEq)]
+pub struct Event {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: String,
+}
+
+/// Reads events from a stream, refusing lines over [`proto::MAX_SSE_LINE_BYTES`].
+pub struct Reader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    start: usize,
+    /// Bytes read so far (for stats).
+    pub bytes: u64,
+}
+
+impl<R: Read> Reader<R> {
+    pub fn new(inner: R) -> Self {
+        Reader {
+            inner,
+            buf: Vec::with_capacity(8192),
+            start: 0,
+            bytes: 0,
+        }
+    }
+
+    fn line(&mut self) -> io::Result<Option<String>> {
+        loop {
+            if let Some(pos) = self.buf[self.start..].iter().position(|&b| b == b'\n') {
+                let end = self.start + pos;
+                let mut line = &self.buf[self.start..end];
+                if line.last() == Some(&b'\r') {
+                    line = &line[..line.len() - 1];
+                }
+                let s = String::from_utf8(line.to_vec()).map_err(|_| {
+                    io::Error::new(io::ErrorKind::InvalidData, "SSE line is not UTF-8")
+                })?;
+                self.start = end + 1;
+                return Ok(Some(s));
+            }
+            if self.buf.len() - self.start > proto::MAX_SSE_LINE_BYTES {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "SSE line over 1 MiB",
+                ));
+            }
+            if self.start > 0 {
+                self.buf.drain(..self.start);
+                self.start = 0;
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let n = self.inner.read(&mut chunk)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.bytes += n as u64;
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The next event; `Ok(None)` at the end of the stream. Comments are skipped
+    /// (they only keep the connection's read timeout from firing).
+    pub fn next_event(&mut self) -> io::Result<Option<Event>> {
+        let mut ev = Event::default();
+        let mut has = false;
+        loop {
+            let Some(line) = self.line()? else {
+                return Ok(None);
+            };
+            if line.is_empty() {
+                if has {
+                    if ev.event.is_empty() {
+                        ev.event = "message".into();
+                    }
+                    return Ok(Some(ev));
+                }
+                continue;
+            }
+            if line.starts_with(':') {
+                continue;
+            }
+            let (field, value) = match line.split_once(':') {
+                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+                None => (line.as_str(), ""),
+            };
+            match field {
+                "id" => ev.id = Some(value.to_string()),
+                "event" => ev.event = value.to_string(),
+                "data" => {
+                    if !ev.data.is_empty() {
+                        ev.data.push('\n');
+                    }
+                    ev.data.push_str(value);
+                    if ev.data.len() > proto::MAX_SSE_LINE_BYTES {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "SSE event over 1 MiB",
+                        ));
+                    }
+                }
+                _ => continue,
+            }
+            has = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_and_ids() {
+        let t = frame_text("s1", 7, "node", "{\"a\":1}");
+        assert_eq!(t, "id: s1:7\nevent: node\ndata: {\"a\":1}\n\n");
+        assert_eq!(parse_event_id("abc-def:12"), Some(("abc-def", 12)));
+        assert_eq!(parse_event_id("nope"), None);
+        assert_eq!(parse_event_id("s:x"), None);
+    }
+
+    #[test]
+    fn reader_parses_events_and_skips_comments() {
+        let text = ":\n\nid: s:1\nevent: snapshot\ndata: {}\n\n:\n\nid: s:2\r\nevent: node\r\ndata: {\"x\":1}\r\n\r\ndata: a\ndata: b\n\n";
+        let mut r = Reader::new(text.as_bytes());
+        let e = r.next_event().unwrap().unwrap();
+        assert_eq!(
+            (e.id.as_deref(), e.event.as_str(), e.data.as_str()),
+            (Some("s:1"), "snapshot", "{}")
+        );
+        let e = r.next_event().unwrap().unwrap();
+        assert_eq!((e.id.as_deref(), e.event.as_str()), (Some("s:2"), "node"));
+        let e = r.next_event().unwrap().unwrap();
+        assert_eq!((e.event.as_str(), e.data.as_str()), ("message", "a\nb"));
+        assert_eq!(r.next_event().unwrap(), None);
+        assert_eq!(r.bytes as usize, text.len());
+    }
+
+    #[test]
+    fn reader_refuses_huge_lines() {
+        let big = format!("data: {}", "x".repeat(proto::MAX_SSE_LINE_BYTES + 10));
+        let mut r = Reader::new(big.as_bytes());
+        assert_eq!(
+            r.next_event().unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+    }
+
+    #[test]
+    fn writer_sends_keepalives_and_stops_when_dropped() {
+        let (tx, rx) = crossbeam_channel::bounded(4);
+        let out = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        struct W(Arc<parking_lot::Mutex<Vec<u8>>>);
+        impl Write for W {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let w = Box::new(W(out.clone()));
+        let first = Arc::new(Frame {
+            seq: 0,
+            own: true,
+            text: frame_text("s", 0, "snapshot", "{}"),
+        });
+        tx.send(Arc::new(Frame {
+            seq: 1,
+            own: true,
+            text: frame_text("s", 1, "node", "{}"),
+        }))
+        .unwrap();
+        let h = std::thread::spawn(move || {
+            serve(
+                w,
+                vec![first],
+                rx,
+                Duration::from_millis(20),
+                &Counters::default(),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(120));
+        drop(tx);
+        h.join().unwrap().unwrap();
+        let text = String::from_utf8(out.lock().clone()).unwrap();
+        assert!(text.starts_with(HEADERS));
+        let body = &text[HEADERS.len()..];
+        assert!(body.starts_with("id: s:0\nevent: snapshot"), "{body}");
+        assert!(body.contains("id: s:1\nevent: node"));
+        assert!(body.matches(":\n\n").count() >= 2, "keep-alives: {body}");
+    }
+}

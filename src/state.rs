@@ -1,0 +1,1180 @@
+//! The state owner: the only thread that holds the node store, the peer table and
+//! the SSE subscriber list. Every other thread sends it an [`Event`] (with a reply
+//! channel when it needs an answer). It also runs the timers (beacons, peer
+//! housekeeping) with `select!` over `at` channels: no timer threads.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use parking_lot::RwLock;
+use serde_json::{Value, json};
+
+use crate::beacon::{self, Beacon, BeaconSender, Freshness, Me};
+use crate::config::Config;
+use crate::credentials::Keys;
+use crate::node::{self, Node};
+use crate::peer::{self, PeerCtl, PeerCtx};
+use crate::proto;
+use crate::sse::{self, Frame};
+use crate::store::{self, Job};
+use crate::util::{self, short};
+
+/// The cluster keys, replaced on SIGHUP; `None` while no PIN is set.
+pub type SharedKeys = Arc<RwLock<Option<Keys>>>;
+
+/// Counters any thread may bump (plain atomics; not part of the model).
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub data_sent: AtomicU64,
+    pub data_received: AtomicU64,
+    pub beacons_sent: AtomicU64,
+    pub beacons_received: AtomicU64,
+    pub beacons_rejected: AtomicU64,
+}
+
+impl Counters {
+    pub fn inc(&self, c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(&self, c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// An answer to an HTTP call.
+#[derive(Debug)]
+pub enum Reply {
+    Json {
+        status: u16,
+        body: String,
+    },
+    /// Another server owns the node: the HTTP worker forwards `body` to `path` there.
+    Forward {
+        install_id: String,
+        name: String,
+        address: IpAddr,
+        port: u16,
+        path: String,
+        body: String,
+    },
+}
+
+impl Reply {
+    pub fn json(status: u16, v: &impl serde::Serialize) -> Reply {
+        Reply::Json {
+            status,
+            body: serde_json::to_string(v).expect("JSON values serialize"),
+        }
+    }
+    pub fn error(status: u16, msg: impl Into<String>) -> Reply {
+        Reply::json(status, &json!({ "error": msg.into() }))
+    }
+}
+
+/// What HTTP workers ask of the state owner.
+#[derive(Debug)]
+pub enum Call {
+    Health { observed: String },
+    Nodes { host: Option<String> },
+    Node { id: String },
+    Put { id: String, body: Value },
+    Delete { id: String },
+    SetValue { id: String, value: Value },
+    Invoke { id: String },
+    Peers { healthy_only: bool },
+    Stats,
+}
+
+/// The state owner's answer to a subscription.
+pub enum SubReply {
+    Ok {
+        id: u64,
+        initial: Vec<Arc<Frame>>,
+        rx: Receiver<Arc<Frame>>,
+    },
+    TooMany,
+}
+
+/// What a peer thread reports.
+#[derive(Debug)]
+pub enum PeerReport {
+    Dialing,
+    Connected(peer::Health),
+    Snapshot(Vec<Node>),
+    Node(Node),
+    Delete(String),
+    /// The attempt or the stream ended; `was_connected` tells which.
+    Failed {
+        reason: String,
+        was_connected: bool,
+    },
+}
+
+/// Settings SIGHUP can change without a restart.
+pub struct Reload {
+    pub keys: Option<Keys>,
+    pub log_level: log::LevelFilter,
+}
+
+pub enum Event {
+    Beacon {
+        beacon: Beacon,
+        from: IpAddr,
+        fresh: Freshness,
+    },
+    Peer {
+        install_id: String,
+        generation: u64,
+        report: PeerReport,
+    },
+    Call {
+        call: Call,
+        reply: Sender<Reply>,
+    },
+    Subscribe {
+        scope_all: bool,
+        last_event_id: Option<String>,
+        reply: Sender<SubReply>,
+    },
+    Unsubscribe(u64),
+    Persisted,
+    Reload(Box<Reload>),
+    /// Graceful stop; the reply is sent once state is flushed.
+    Shutdown(Sender<()>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum PeerStatus {
+    Discovered,
+    Connecting,
+    Connected,
+    Disconnected,
+    Left,
+}
+
+impl PeerStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            PeerStatus::Discovered => "discovered",
+            PeerStatus::Connecting => "connecting",
+            PeerStatus::Connected => "connected",
+            PeerStatus::Disconnected => "disconnected",
+            PeerStatus::Left => "left",
+        }
+    }
+}
+
+/// One row of the peer table.
+struct Peer {
+    install_id: String,
+    session_id: String,
+    name: String,
+    model: String,
+    version: String,
+    os: String,
+    platform: String,
+    address: IpAddr,
+    port: u16,
+    status: PeerStatus,
+    source: &'static str,
+    /// Epoch ms of the last beacon or successful contact.
+    last_seen: u64,
+    connected_since: Option<u64>,
+    success_count: u64,
+    failure_count: u64,
+    last_success: Option<Instant>,
+    /// Last beacon or successful dial (for `peer_ttl`).
+    last_activity: Instant,
+    thread: Option<(u64, Sender<PeerCtl>)>,
+}
+
+impl Peer {
+    fn label(&self) -> String {
+        format!(
+            "{} ({}, {}:{})",
+            self.name,
+            short(&self.install_id),
+            self.address,
+            self.port
+        )
+    }
+
+    fn healthy(&self) -> bool {
+        peer::healthy(
+            self.status == PeerStatus::Connected,
+            self.last_success.map(|t| t.elapsed()),
+            self.success_count,
+            self.failure_count,
+        )
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "installId": self.install_id, "sessionId": self.session_id,
+            "address": self.address.to_string(), "port": self.port, "name": self.name,
+            "model": self.model, "version": self.version, "os": self.os,
+            "platform": self.platform, "status": self.status.as_str(),
+            "healthy": self.healthy(), "source": self.source, "lastSeen": self.last_seen,
+            "connectedSince": self.connected_since, "successCount": self.success_count,
+            "failureCount": self.failure_count,
+        })
+    }
+}
+
+struct Subscriber {
+    id: u64,
+    all: bool,
+    tx: Sender<Arc<Frame>>,
+}
+
+/// Facts about this host shown in `/health` and the Server node.
+#[derive(Clone, Debug)]
+pub struct HostInfo {
+    pub model: String,
+    pub os: String,
+}
+
+impl HostInfo {
+    pub fn read() -> HostInfo {
+        let model = std::fs::read_to_string("/proc/device-tree/model")
+            .map(|s| s.trim_end_matches('\0').trim().to_string())
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+        let os = std::fs::read_to_string("/etc/os-release")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                    .map(|v| v.trim_matches('"').to_string())
+            })
+            .unwrap_or_else(|| "Linux".to_string());
+        HostInfo { model, os }
+    }
+}
+
+pub struct State {
+    me: Me,
+    cfg: Config,
+    info: HostInfo,
+    started: Instant,
+    keys: SharedKeys,
+    counters: Arc<Counters>,
+    peer_ctx: PeerCtx,
+    own: BTreeMap<String, Node>,
+    mirrors: HashMap<String, BTreeMap<String, Node>>,
+    stale_hosts: HashSet<String>,
+    peers: BTreeMap<String, Peer>,
+    peer_gen: u64,
+    peer_table_full_warned: bool,
+    seq: u64,
+    ring: VecDeque<Arc<Frame>>,
+    subs: Vec<Subscriber>,
+    next_sub: u64,
+    beacon: Option<BeaconSender>,
+    next_beacon: Instant,
+    reply_pending: bool,
+    store: Sender<Job>,
+    dirty: bool,
+    persist_busy: bool,
+    pending_acks: Vec<Box<dyn FnOnce(Result<(), String>) + Send>>,
+}
+
+type Ack = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+fn ack_with(reply: Sender<Reply>, ok: Reply) -> Ack {
+    Box::new(move |r| {
+        let _ = reply.send(match r {
+            Ok(()) => ok,
+            Err(e) => Reply::error(500, format!("change applied but not stored: {e}")),
+        });
+    })
+}
+
+impl State {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        me: Me,
+        cfg: Config,
+        keys: SharedKeys,
+        counters: Arc<Counters>,
+        peer_ctx: PeerCtx,
+        own_nodes: Vec<Node>,
+        beacon: Option<BeaconSender>,
+        store: Sender<Job>,
+    ) -> State {
+        let info = HostInfo::read();
+        let mut s = State {
+            me,
+            cfg,
+            info,
+            started: Instant::now(),
+            keys,
+            counters,
+            peer_ctx,
+            own: BTreeMap::new(),
+            mirrors: HashMap::new(),
+            stale_hosts: HashSet::new(),
+            peers: BTreeMap::new(),
+            peer_gen: 0,
+            peer_table_full_warned: false,
+            seq: 0,
+            ring: VecDeque::new(),
+            subs: Vec::new(),
+            next_sub: 1,
+            beacon,
+            next_beacon: Instant::now(),
+            reply_pending: false,
+            store,
+            dirty: false,
+            persist_busy: false,
+            pending_acks: Vec::new(),
+        };
+        for mut n in own_nodes {
+            if n.kind == node::SERVER || n.id == s.me.install_id {
+                continue;
+            }
+            n.host = s.me.install_id.clone();
+            s.own.insert(n.id.clone(), n);
+        }
+        let server = s.server_node();
+        s.own.insert(server.id.clone(), server);
+        s
+    }
+
+    fn server_node(&self) -> Node {
+        Node {
+            id: self.me.install_id.clone(),
+            host: self.me.install_id.clone(),
+            parent: None,
+            kind: node::SERVER.into(),
+            name: self.me.name.clone(),
+            state: "OK".into(),
+            meta: json!({
+                "name": self.me.name, "port": self.me.port, "model": self.info.model,
+                "version": proto::VERSION, "os": self.info.os, "platform": proto::PLATFORM,
+            }),
+            timestamp: util::now_ms(),
+            version: 1,
+        }
+    }
+
+    /// Runs until shutdown.
+    pub fn run(mut self, rx: Receiver<Event>) {
+        let housekeeping = crossbeam_channel::tick(Duration::from_secs(1));
+        loop {
+            let deadline = self.next_deadline();
+            crossbeam_channel::select! {
+                recv(rx) -> ev => match ev {
+                    Ok(Event::Shutdown(done)) => {
+                        self.shutdown();
+                        let _ = done.send(());
+                        return;
+                    }
+                    Ok(ev) => self.handle(ev),
+                    Err(_) => return,
+                },
+                recv(crossbeam_channel::at(deadline)) -> _ => self.beacon_timer(),
+                recv(housekeeping) -> _ => self.housekeeping(),
+            }
+            self.maybe_persist();
+        }
+    }
+
+    fn beacons_on(&self) -> bool {
+        self.beacon.is_some() && self.keys.read().is_some()
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let far = Instant::now() + Duration::from_secs(3600);
+        if !self.beacons_on() {
+            return far;
+        }
+        let mut d = self.next_beacon;
+        if self.reply_pending {
+            if let Some(b) = &self.beacon {
+                d = d.min(b.allowed_at());
+            }
+        }
+        d
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Beacon {
+                beacon,
+                from,
+                fresh,
+            } => self.on_beacon(beacon, from, fresh),
+            Event::Peer {
+                install_id,
+                generation,
+                report,
+            } => self.on_peer_report(&install_id, generation, report),
+            Event::Call { call, reply } => self.on_call(call, reply),
+            Event::Subscribe {
+                scope_all,
+                last_event_id,
+                reply,
+            } => {
+                let r = self.subscribe(scope_all, last_event_id.as_deref());
+                let _ = reply.send(r);
+            }
+            Event::Unsubscribe(id) => self.subs.retain(|s| s.id != id),
+            Event::Persisted => self.persist_busy = false,
+            Event::Reload(r) => self.reload(*r),
+            Event::Shutdown(_) => unreachable!("handled in run"),
+        }
+    }
+
+    // ---- beacons ------------------------------------------------------------
+
+    fn send_beacon(&mut self, state: &str) {
+        let Some(keys) = self.keys.read().clone() else {
+            return;
+        };
+        let Some(sender) = self.beacon.as_mut() else {
+            return;
+        };
+        let b = Beacon::new_signed(&keys.beacon_key, &self.me, state);
+        let leaving = state == beacon::STATE_LEAVING;
+        match sender.send(&b, leaving) {
+            Ok(true) => self.counters.inc(&self.counters.beacons_sent),
+            Ok(false) => {}
+            Err(e) => log::warn!("sending a beacon failed: {e}"),
+        }
+    }
+
+    fn beacon_timer(&mut self) {
+        if !self.beacons_on() {
+            return;
+        }
+        let now = Instant::now();
+        if now >= self.next_beacon {
+            if let Some(b) = self.beacon.as_mut() {
+                b.refresh_interface();
+            }
+            self.reply_pending = false;
+            self.send_beacon(beacon::STATE_UP);
+            self.next_beacon =
+                now + util::jitter(self.cfg.timings.beacon_interval, proto::BEACON_JITTER);
+        } else if self.reply_pending && self.beacon.as_ref().is_some_and(|b| now >= b.allowed_at())
+        {
+            self.reply_pending = false;
+            self.send_beacon(beacon::STATE_UP);
+        }
+    }
+
+    fn on_beacon(&mut self, b: Beacon, from: IpAddr, fresh: Freshness) {
+        if b.leaving() {
+            if let Some(p) = self.peers.get_mut(&b.install_id) {
+                if p.status != PeerStatus::Left {
+                    log::info!("peer left: {}", p.label());
+                }
+                p.status = PeerStatus::Left;
+                p.connected_since = None;
+                p.last_seen = util::now_ms();
+                if let Some((_, ctl)) = p.thread.take() {
+                    let _ = ctl.send(PeerCtl::Stop);
+                }
+                let id = b.install_id.clone();
+                self.mark_stale(&id);
+            }
+            return;
+        }
+        if !self.peers.contains_key(&b.install_id) && self.peers.len() >= proto::MAX_PEERS {
+            if !self.peer_table_full_warned {
+                log::warn!(
+                    "peer table full ({} peers); ignoring new peers",
+                    proto::MAX_PEERS
+                );
+                self.peer_table_full_warned = true;
+            }
+            return;
+        }
+        let now_ms = util::now_ms();
+        let p = self.peers.entry(b.install_id.clone()).or_insert_with(|| {
+            log::info!(
+                "discovered peer {} ({}, {from}:{})",
+                b.name,
+                short(&b.install_id),
+                b.port
+            );
+            Peer {
+                install_id: b.install_id.clone(),
+                session_id: b.session_id.clone(),
+                name: b.name.clone(),
+                model: String::new(),
+                version: String::new(),
+                os: String::new(),
+                platform: b.platform.clone(),
+                address: from,
+                port: b.port,
+                status: PeerStatus::Discovered,
+                source: "beacon",
+                last_seen: now_ms,
+                connected_since: None,
+                success_count: 0,
+                failure_count: 0,
+                last_success: None,
+                last_activity: Instant::now(),
+                thread: None,
+            }
+        });
+        let moved = p.address != from || p.port != b.port;
+        if moved && fresh != Freshness::First {
+            log::info!(
+                "peer {} ({}) moved from {}:{} to {from}:{}",
+                p.name,
+                short(&p.install_id),
+                p.address,
+                p.port,
+                b.port
+            );
+        }
+        if fresh == Freshness::NewSession {
+            log::info!(
+                "peer restarted: {} (new session {})",
+                p.label(),
+                short(&b.session_id)
+            );
+            p.session_id = b.session_id.clone();
+        }
+        p.address = from;
+        p.port = b.port;
+        p.name = b.name.clone();
+        p.platform = b.platform.clone();
+        p.last_seen = now_ms;
+        p.last_activity = Instant::now();
+        if p.status == PeerStatus::Left && fresh == Freshness::Same {
+            // A late beacon of a session that said goodbye: stay gone.
+            return;
+        }
+        let connected = p.status == PeerStatus::Connected;
+        let dial = !connected || moved || fresh == Freshness::NewSession;
+        if dial {
+            if p.status == PeerStatus::Left || p.status == PeerStatus::Discovered {
+                p.status = PeerStatus::Connecting;
+            }
+            let id = p.install_id.clone();
+            self.dial(&id);
+        }
+        if !connected || fresh != Freshness::Same {
+            self.reply_pending = true;
+        }
+    }
+
+    /// Makes sure a peer thread exists and tells it to dial now.
+    fn dial(&mut self, install_id: &str) {
+        let Some(p) = self.peers.get_mut(install_id) else {
+            return;
+        };
+        let ctl = PeerCtl::DialNow {
+            address: p.address,
+            port: p.port,
+        };
+        if let Some((_, tx)) = &p.thread {
+            if tx.send(ctl).is_ok() {
+                return;
+            }
+        }
+        self.peer_gen += 1;
+        let generation = self.peer_gen;
+        match peer::spawn(
+            self.peer_ctx.clone(),
+            install_id.to_string(),
+            generation,
+            p.address,
+            p.port,
+        ) {
+            Ok(tx) => p.thread = Some((generation, tx)),
+            Err(e) => log::error!("cannot start a thread for peer {}: {e}", p.label()),
+        }
+    }
+
+    // ---- peer reports -------------------------------------------------------
+
+    fn on_peer_report(&mut self, install_id: &str, generation: u64, report: PeerReport) {
+        let Some(p) = self.peers.get_mut(install_id) else {
+            return;
+        };
+        if p.thread.as_ref().map(|t| t.0) != Some(generation) {
+            return; // a stopped thread's last words
+        }
+        match report {
+            PeerReport::Dialing => {
+                if p.status != PeerStatus::Connected {
+                    p.status = PeerStatus::Connecting;
+                }
+            }
+            PeerReport::Connected(h) => {
+                p.status = PeerStatus::Connected;
+                p.connected_since = Some(util::now_ms());
+                p.success_count += 1;
+                p.last_success = Some(Instant::now());
+                p.last_activity = Instant::now();
+                p.last_seen = util::now_ms();
+                p.session_id = h.session_id;
+                p.name = h.name;
+                p.model = h.model;
+                p.version = h.version;
+                p.os = h.os;
+                p.platform = h.platform;
+                log::info!("peer connected: {}", p.label());
+                self.unmark_stale(install_id);
+            }
+            PeerReport::Snapshot(nodes) => self.apply_snapshot(install_id, nodes),
+            PeerReport::Node(n) => {
+                if n.host == install_id && node::valid_id(&n.id) {
+                    self.upsert_mirror(n);
+                }
+            }
+            PeerReport::Delete(id) => {
+                let removed = self
+                    .mirrors
+                    .get_mut(install_id)
+                    .and_then(|m| m.remove(&id))
+                    .is_some();
+                if removed {
+                    self.emit_delete(&id, install_id, false);
+                }
+            }
+            PeerReport::Failed {
+                reason,
+                was_connected,
+            } => {
+                if was_connected {
+                    if p.status != PeerStatus::Left {
+                        p.status = PeerStatus::Disconnected;
+                        log::info!("peer disconnected: {} ({reason})", p.label());
+                    }
+                    p.connected_since = None;
+                    self.mark_stale(install_id);
+                } else {
+                    p.failure_count += 1;
+                    if p.status != PeerStatus::Left {
+                        p.status = PeerStatus::Disconnected;
+                    }
+                    log::debug!("dial to peer {} failed: {reason}", p.label());
+                }
+            }
+        }
+    }
+
+    fn present(&self, n: &Node) -> Node {
+        let mut n = n.clone();
+        if self.stale_hosts.contains(&n.host) {
+            n.state = proto::STATE_STALE.into();
+        }
+        n
+    }
+
+    fn upsert_mirror(&mut self, n: Node) {
+        let host = n.host.clone();
+        let m = self.mirrors.entry(host).or_default();
+        if m.get(&n.id) == Some(&n) {
+            return;
+        }
+        m.insert(n.id.clone(), n.clone());
+        let shown = self.present(&n);
+        self.emit_node(&shown, false);
+    }
+
+    fn apply_snapshot(&mut self, host: &str, nodes: Vec<Node>) {
+        let keep: HashSet<String> = nodes
+            .iter()
+            .filter(|n| n.host == host)
+            .map(|n| n.id.clone())
+            .collect();
+        let gone: Vec<String> = self
+            .mirrors
+            .get(host)
+            .map(|m| m.keys().filter(|k| !keep.contains(*k)).cloned().collect())
+            .unwrap_or_default();
+        for id in gone {
+            if let Some(m) = self.mirrors.get_mut(host) {
+                m.remove(&id);
+            }
+            self.emit_delete(&id, host, false);
+        }
+        for n in nodes {
+            if n.host == host && node::valid_id(&n.id) {
+                self.upsert_mirror(n);
+            }
+        }
+    }
+
+    fn mark_stale(&mut self, host: &str) {
+        if !self.stale_hosts.insert(host.to_string()) {
+            return;
+        }
+        let nodes: Vec<Node> = self
+            .mirrors
+            .get(host)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        for n in nodes {
+            let shown = self.present(&n);
+            self.emit_node(&shown, false);
+        }
+    }
+
+    fn unmark_stale(&mut self, host: &str) {
+        if !self.stale_hosts.remove(host) {
+            return;
+        }
+        let nodes: Vec<Node> = self
+            .mirrors
+            .get(host)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        for n in nodes {
+            self.emit_node(&n, false);
+        }
+    }
+
+    // ---- events and subscribers --------------------------------------------
+
+    fn emit(&mut self, event: &str, data: String, own: bool) {
+        self.seq += 1;
+        let f = Arc::new(Frame {
+            seq: self.seq,
+            own,
+            text: sse::frame_text(&self.me.session_id, self.seq, event, &data),
+        });
+        self.ring.push_back(f.clone());
+        while self.ring.len() > proto::SSE_RING_EVENTS {
+            self.ring.pop_front();
+        }
+        self.subs.retain(|s| {
+            if !own && !s.all {
+                return true;
+            }
+            match s.tx.try_send(f.clone()) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_)) => {
+                    log::info!(
+                        "SSE subscriber {} cannot keep up; dropped (it will resync)",
+                        s.id
+                    );
+                    false
+                }
+                Err(TrySendError::Disconnected(_)) => false,
+            }
+        });
+    }
+
+    fn emit_node(&mut self, n: &Node, own: bool) {
+        let data = serde_json::to_string(n).expect("nodes serialize");
+        self.emit("node", data, own);
+    }
+
+    fn emit_delete(&mut self, id: &str, host: &str, own: bool) {
+        let data = json!({"id": id, "host": host}).to_string();
+        self.emit("delete", data, own);
+    }
+
+    fn snapshot_frame(&self, all: bool) -> Arc<Frame> {
+        let mut nodes: Vec<Node> = self.own.values().cloned().collect();
+        if all {
+            for m in self.mirrors.values() {
+                nodes.extend(m.values().map(|n| self.present(n)));
+            }
+        }
+        let data =
+            json!({"host": self.me.install_id, "sessionId": self.me.session_id, "nodes": nodes});
+        Arc::new(Frame {
+            seq: self.seq,
+            own: true,
+            text: sse::frame_text(&self.me.session_id, self.seq, "snapshot", &data.to_string()),
+        })
+    }
+
+    fn subscribe(&mut self, all: bool, last_event_id: Option<&str>) -> SubReply {
+        if self.subs.len() >= proto::MAX_SSE_SUBSCRIBERS {
+            return SubReply::TooMany;
+        }
+        let resume = last_event_id
+            .and_then(sse::parse_event_id)
+            .filter(|(sess, seq)| {
+                *sess == self.me.session_id
+                    && *seq <= self.seq
+                    && (*seq == self.seq || self.ring.front().is_some_and(|f| f.seq <= seq + 1))
+            })
+            .map(|(_, seq)| seq);
+        let initial = match resume {
+            Some(after) => self
+                .ring
+                .iter()
+                .filter(|f| f.seq > after && (all || f.own))
+                .cloned()
+                .collect(),
+            None => vec![self.snapshot_frame(all)],
+        };
+        let (tx, rx) = crossbeam_channel::bounded(proto::SSE_SUBSCRIBER_QUEUE);
+        let id = self.next_sub;
+        self.next_sub += 1;
+        self.subs.push(Subscriber { id, all, tx });
+        SubReply::Ok { id, initial, rx }
+    }
+
+    // ---- HTTP calls ---------------------------------------------------------
+
+    fn find(&self, id: &str) -> Option<Node> {
+        if let Some(n) = self.own.get(id) {
+            return Some(n.clone());
+        }
+        self.mirrors
+            .values()
+            .find_map(|m| m.get(id))
+            .map(|n| self.present(n))
+    }
+
+    fn on_call(&mut self, call: Call, reply: Sender<Reply>) {
+        let r = match call {
+            Call::Health { observed } => self.health(&observed),
+            Call::Nodes { host } => {
+                let mut nodes: Vec<Node> = Vec::new();
+                if host.as_deref().is_none_or(|h| h == self.me.install_id) {
+                    nodes.extend(self.own.values().cloned());
+                }
+                for (h, m) in &self.mirrors {
+                    if host.as_deref().is_none_or(|x| x == h) {
+                        nodes.extend(m.values().map(|n| self.present(n)));
+                    }
+                }
+                Reply::json(200, &json!({ "nodes": nodes }))
+            }
+            Call::Node { id } => match self.find(&id) {
+                Some(n) => Reply::json(200, &n),
+                None => Reply::error(404, format!("no node {id}")),
+            },
+            Call::Put { id, body } => match self.put(&id, &body) {
+                Ok((status, n)) => {
+                    self.pending_acks
+                        .push(ack_with(reply, Reply::json(status, &n)));
+                    return;
+                }
+                Err(r) => r,
+            },
+            Call::Delete { id } => match self.delete(&id) {
+                Ok(()) => {
+                    let ok = Reply::Json {
+                        status: 204,
+                        body: String::new(),
+                    };
+                    self.pending_acks.push(ack_with(reply, ok));
+                    return;
+                }
+                Err(r) => r,
+            },
+            Call::SetValue { id, value } => match self.set_value(&id, value) {
+                Ok(Some(n)) => {
+                    self.pending_acks
+                        .push(ack_with(reply, Reply::json(200, &n)));
+                    return;
+                }
+                Ok(None) => return, // unchanged and already durable
+                Err(r) => r,
+            },
+            Call::Invoke { id } => match self.find(&id) {
+                None => Reply::error(404, format!("no node {id}")),
+                Some(n) if n.kind == node::DATA_POINT => {
+                    Reply::error(409, "a DataPoint cannot be invoked; set its value instead")
+                }
+                Some(n) if n.host != self.me.install_id => self.forward(&n, "invoke", "{}".into()),
+                Some(n) => Reply::error(409, format!("{} nodes cannot be invoked", n.kind)),
+            },
+            Call::Peers { healthy_only } => {
+                let peers: Vec<Value> = self
+                    .peers
+                    .values()
+                    .filter(|p| !healthy_only || p.healthy())
+                    .map(Peer::to_json)
+                    .collect();
+                Reply::json(200, &json!({ "peers": peers }))
+            }
+            Call::Stats => Reply::json(200, &self.stats()),
+        };
+        let _ = reply.send(r);
+    }
+
+    fn health(&self, observed: &str) -> Reply {
+        let beacon = match (&self.beacon, self.keys.read().is_some()) {
+            (None, _) => "off",
+            (Some(_), false) => "off (no PIN)",
+            (Some(b), true) if b.has_interface() => "ok",
+            (Some(_), true) => "no interface",
+        };
+        let degraded = !beacon.starts_with("o");
+        let connected = self
+            .peers
+            .values()
+            .filter(|p| p.status == PeerStatus::Connected)
+            .count();
+        let body = json!({
+            "status": if degraded { "degraded" } else { "ok" },
+            "installId": self.me.install_id, "sessionId": self.me.session_id,
+            "name": self.me.name, "port": self.me.port, "model": self.info.model,
+            "version": proto::VERSION, "os": self.info.os, "platform": proto::PLATFORM,
+            "uptime": self.started.elapsed().as_secs(), "observedAddress": observed,
+            "components": {"beacon": beacon, "listener": "ok", "state": "ok"},
+            "peers": {"known": self.peers.len(), "connected": connected},
+        });
+        Reply::json(if degraded { 503 } else { 200 }, &body)
+    }
+
+    fn stats(&self) -> Value {
+        let c = &self.counters;
+        json!({
+            "total_peers": self.peers.len(),
+            "healthy_peers": self.peers.values().filter(|p| p.healthy()).count(),
+            "connected_peers": self.peers.values().filter(|p| p.status == PeerStatus::Connected).count(),
+            "data_sent": Counters::get(&c.data_sent),
+            "data_received": Counters::get(&c.data_received),
+            "uptime": self.started.elapsed().as_secs(),
+            "beacons_sent": Counters::get(&c.beacons_sent),
+            "beacons_received": Counters::get(&c.beacons_received),
+            "beacons_rejected": Counters::get(&c.beacons_rejected),
+        })
+    }
+
+    fn owned_elsewhere(&self, id: &str) -> Option<&Node> {
+        self.mirrors.values().find_map(|m| m.get(id))
+    }
+
+    fn put(&mut self, id: &str, body: &Value) -> Result<(u16, Node), Reply> {
+        if !node::valid_id(id) {
+            return Err(Reply::error(
+                400,
+                "node id must be 1-128 of A-Z a-z 0-9 . _ : -",
+            ));
+        }
+        if id == self.me.install_id {
+            return Err(Reply::error(
+                409,
+                "the Server node is made by the server itself",
+            ));
+        }
+        if let Some(n) = self.owned_elsewhere(id) {
+            return Err(Reply::error(
+                409,
+                format!("node {id} belongs to server {}; change it there", n.host),
+            ));
+        }
+        let d =
+            node::validate_put(id, body, &self.me.install_id).map_err(|e| Reply::error(400, e))?;
+        let old = self.own.get(id);
+        if old.is_none() && self.own.len() > self.cfg.max_nodes {
+            return Err(Reply::error(
+                409,
+                format!(
+                    "max_nodes ({}) reached; delete nodes or raise max_nodes",
+                    self.cfg.max_nodes
+                ),
+            ));
+        }
+        let n = Node {
+            id: id.to_string(),
+            host: self.me.install_id.clone(),
+            parent: d.parent,
+            kind: d.kind,
+            name: d.name,
+            state: d.state,
+            meta: d.meta,
+            timestamp: util::now_ms(),
+            version: old.map_or(1, |o| o.version + 1),
+        };
+        let status = if old.is_some() { 200 } else { 201 };
+        self.own.insert(id.to_string(), n.clone());
+        self.dirty = true;
+        self.emit_node(&n, true);
+        Ok((status, n))
+    }
+
+    fn delete(&mut self, id: &str) -> Result<(), Reply> {
+        if id == self.me.install_id {
+            return Err(Reply::error(409, "the Server node cannot be deleted"));
+        }
+        if self.own.remove(id).is_some() {
+            self.dirty = true;
+            let me = self.me.install_id.clone();
+            self.emit_delete(id, &me, true);
+            return Ok(());
+        }
+        match self.owned_elsewhere(id) {
+            Some(n) => Err(Reply::error(
+                409,
+                format!("node {id} belongs to server {}; delete it there", n.host),
+            )),
+            None => Err(Reply::error(404, format!("no node {id}"))),
+        }
+    }
+
+    /// `Ok(Some(node))` changed, `Err` a reply to send now (errors, forwards).
+    fn set_value(&mut self, id: &str, value: Value) -> Result<Option<Node>, Reply> {
+        if let Err(e) = node::check_value(&value) {
+            return Err(Reply::error(400, e));
+        }
+        let Some(n) = self.own.get_mut(id) else {
+            return match self.owned_elsewhere(id).cloned() {
+                Some(n) if n.kind != node::DATA_POINT => Err(Reply::error(
+                    409,
+                    format!("node {id} is a {}, not a DataPoint", n.kind),
+                )),
+                Some(n) => Err(self.forward(&n, "value", json!({ "value": value }).to_string())),
+                None => Err(Reply::error(404, format!("no node {id}"))),
+            };
+        };
+        if n.kind != node::DATA_POINT {
+            return Err(Reply::error(
+                409,
+                format!("node {id} is a {}, not a DataPoint", n.kind),
+            ));
+        }
+        n.meta["value"] = value;
+        n.version += 1;
+        n.timestamp = util::now_ms();
+        let n = n.clone();
+        self.dirty = true;
+        self.emit_node(&n, true);
+        Ok(Some(n))
+    }
+
+    fn forward(&self, n: &Node, what: &str, body: String) -> Reply {
+        match self.peers.get(&n.host) {
+            Some(p) if p.status == PeerStatus::Connected => Reply::Forward {
+                install_id: p.install_id.clone(),
+                name: p.name.clone(),
+                address: p.address,
+                port: p.port,
+                path: format!("/nodes/{}/{what}", n.id),
+                body,
+            },
+            Some(p) => Reply::error(502, format!("owner {} is not connected", p.label())),
+            None => Reply::error(502, format!("owner {} is unknown", short(&n.host))),
+        }
+    }
+
+    // ---- persistence --------------------------------------------------------
+
+    fn maybe_persist(&mut self) {
+        if !self.dirty || self.persist_busy {
+            return;
+        }
+        let data = store::encode_nodes(self.own.values().filter(|n| n.kind != node::SERVER));
+        let done = std::mem::take(&mut self.pending_acks);
+        self.dirty = false;
+        self.persist_busy = true;
+        if let Err(e) = self.store.send(Job {
+            data: Some(data),
+            done,
+        }) {
+            log::error!("the store thread is gone: cannot persist nodes");
+            for d in e.into_inner().done {
+                d(Err("store thread gone".into()));
+            }
+        }
+    }
+
+    // ---- housekeeping, reload, shutdown ------------------------------------
+
+    fn housekeeping(&mut self) {
+        let ttl = self.cfg.timings.peer_ttl;
+        let expired: Vec<String> = self
+            .peers
+            .values()
+            .filter(|p| p.status != PeerStatus::Connected && p.last_activity.elapsed() > ttl)
+            .map(|p| p.install_id.clone())
+            .collect();
+        for id in expired {
+            if let Some(mut p) = self.peers.remove(&id) {
+                log::info!(
+                    "forgetting peer {}: not seen for {} s",
+                    p.label(),
+                    ttl.as_secs()
+                );
+                if let Some((_, ctl)) = p.thread.take() {
+                    let _ = ctl.send(PeerCtl::Stop);
+                }
+            }
+            self.stale_hosts.remove(&id);
+            if let Some(m) = self.mirrors.remove(&id) {
+                for nid in m.keys() {
+                    self.emit_delete(nid, &id, false);
+                }
+            }
+        }
+    }
+
+    fn reload(&mut self, r: Reload) {
+        crate::logging::set_level(r.log_level);
+        let changed = {
+            let cur = self.keys.read();
+            cur.as_ref().map(|k| k.bearer.clone()) != r.keys.as_ref().map(|k| k.bearer.clone())
+        };
+        if !changed {
+            log::info!("reloaded (cluster PIN unchanged)");
+            return;
+        }
+        let had = self.keys.read().is_some();
+        *self.keys.write() = r.keys;
+        log::info!(
+            "reloaded: cluster PIN {}; re-establishing every peer connection",
+            if had { "changed" } else { "set" }
+        );
+        // Streams authenticated with the old bearer end; peers are re-trusted.
+        self.subs.clear();
+        let ids: Vec<String> = self.peers.keys().cloned().collect();
+        for id in &ids {
+            if let Some(p) = self.peers.get_mut(id) {
+                if let Some((_, ctl)) = p.thread.take() {
+                    let _ = ctl.send(PeerCtl::Stop);
+                }
+                if p.status == PeerStatus::Connected {
+                    p.status = PeerStatus::Disconnected;
+                    p.connected_since = None;
+                }
+            }
+            self.mark_stale(id);
+            if self.keys.read().is_some() {
+                self.dial(id);
+            }
+        }
+        self.next_beacon = Instant::now();
+    }
+
+    fn shutdown(&mut self) {
+        log::info!("shutting down");
+        if self.beacons_on() {
+            self.send_beacon(beacon::STATE_LEAVING);
+        }
+        self.subs.clear();
+        for p in self.peers.values_mut() {
+            if let Some((_, ctl)) = p.thread.take() {
+                let _ = ctl.send(PeerCtl::Stop);
+            }
+        }
+        // Flush: wait for a write in progress, then write what is left.
+        let (tx, rx) = crossbeam_channel::bounded::<()>(1);
+        if self.dirty || !self.pending_acks.is_empty() {
+            self.dirty = true;
+            self.persist_busy = false;
+            self.maybe_persist();
+        }
+        let _ = self.store.send(Job {
+            data: None,
+            done: vec![Box::new(move |_| {
+                let _ = tx.send(());
+            })],
+        });
+        let _ = rx.recv_timeout(Duration::from_millis(1500));
+    }
+}
