@@ -366,7 +366,10 @@ impl BeaconSender {
     /// Sends `b`; `exempt` skips the rate limit (the `leaving` beacon).
     /// `Ok(false)` = rate limited or no interface, try later.
     pub fn send(&mut self, b: &Beacon, exempt: bool) -> io::Result<bool> {
-        if !exempt && Instant::now() < self.allowed_at() {
+        let limited = self
+            .last_sent
+            .is_some_and(|t| t.elapsed() < proto::MIN_BEACON_GAP);
+        if limited && !exempt {
             return Ok(false);
         }
         if self.current.is_none() {
@@ -506,7 +509,8 @@ mod tests {
     #[test]
     fn token_binds_every_field_and_rolls() {
         let base = token(&key(), &sample());
-        let changes: Vec<Box<dyn Fn(&mut Beacon)>> = vec![
+        type Change = Box<dyn Fn(&mut Beacon)>;
+        let changes: Vec<Change> = vec![
             Box::new(|b| b.host = "evil".into()),
             Box::new(|b| b.port = 8443),
             Box::new(|b| b.name = "x".into()),

@@ -8,7 +8,7 @@ use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde::Deserialize;
@@ -183,17 +183,13 @@ impl PeerThread {
         let mut backoff = Backoff::new(t.backoff_min, t.backoff_max);
         let mut wait = Duration::ZERO;
         loop {
-            let deadline = Instant::now() + wait;
-            loop {
-                match self.rx.recv_deadline(deadline) {
-                    Ok(PeerCtl::Stop) | Err(RecvTimeoutError::Disconnected) => return,
-                    Ok(PeerCtl::DialNow { address, port }) => {
-                        self.target = SocketAddr::new(address, port);
-                        backoff.reset();
-                        break;
-                    }
-                    Err(RecvTimeoutError::Timeout) => break,
+            match self.rx.recv_timeout(wait) {
+                Ok(PeerCtl::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Ok(PeerCtl::DialNow { address, port }) => {
+                    self.target = SocketAddr::new(address, port);
+                    backoff.reset();
                 }
+                Err(RecvTimeoutError::Timeout) => {}
             }
             if !self.report(PeerReport::Dialing) {
                 return;
@@ -367,6 +363,9 @@ impl PeerThread {
                     ) =>
                 {
                     return lost(format!("silent for {} ms", t.sse_dead_after().as_millis()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return lost("connection closed".into());
                 }
                 Err(e) => return lost(format!("stream error: {e}")),
             };

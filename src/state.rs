@@ -3,7 +3,7 @@
 //! channel when it needs an answer). It also runs the timers (beacons, peer
 //! housekeeping) with `select!` over `at` channels: no timer threads.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -269,7 +269,7 @@ pub struct State {
     counters: Arc<Counters>,
     peer_ctx: PeerCtx,
     own: BTreeMap<String, Node>,
-    mirrors: HashMap<String, BTreeMap<String, Node>>,
+    mirrors: BTreeMap<String, BTreeMap<String, Node>>,
     stale_hosts: HashSet<String>,
     peers: BTreeMap<String, Peer>,
     peer_gen: u64,
@@ -284,10 +284,10 @@ pub struct State {
     store: Sender<Job>,
     dirty: bool,
     persist_busy: bool,
-    pending_acks: Vec<Box<dyn FnOnce(Result<(), String>) + Send>>,
+    pending_acks: Vec<Ack>,
 }
 
-type Ack = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Ack = store::Done;
 
 fn ack_with(reply: Sender<Reply>, ok: Reply) -> Ack {
     Box::new(move |r| {
@@ -320,7 +320,7 @@ impl State {
             counters,
             peer_ctx,
             own: BTreeMap::new(),
-            mirrors: HashMap::new(),
+            mirrors: BTreeMap::new(),
             stale_hosts: HashSet::new(),
             peers: BTreeMap::new(),
             peer_gen: 0,

@@ -80,12 +80,15 @@ pub fn encode_nodes<'a>(nodes: impl Iterator<Item = &'a Node>) -> Vec<u8> {
     .expect("nodes serialize")
 }
 
+/// Called once a write is durable (`Ok`) or failed (the error text).
+pub type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
+
 /// One write: the whole file (`None`: write nothing, just report when all earlier
 /// jobs are done), and what to do once it is durable.
 pub struct Job {
     pub data: Option<Vec<u8>>,
     /// Called with `Ok` after fsync, or the error text.
-    pub done: Vec<Box<dyn FnOnce(Result<(), String>) + Send>>,
+    pub done: Vec<Done>,
 }
 
 /// Starts the writer thread; `on_written` runs after each job (tells the state owner).
