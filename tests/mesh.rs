@@ -219,3 +219,26 @@ fn another_pin_is_never_connected() {
     ));
     good[1].kill9();
 }
+
+#[test]
+fn a_silent_peer_is_noticed_by_the_read_timeout_and_returns() {
+    // SIGSTOP freezes a server with its sockets open: no FIN, no RST, no
+    // keep-alives. Only the 2.5 x keep-alive read timeout can notice it.
+    let root = TempDir::new("stop");
+    let bp = free_udp_port();
+    let ds = cluster(&root.0, &["a", "b"], "1234", bp);
+    let refs: Vec<&Daemon> = ds.iter().collect();
+    assert!(wait_until(Duration::from_secs(3), || full_mesh(&refs)).is_some());
+    let bid = ds[1].install_id();
+    let t0 = Instant::now();
+    ds[1].signal(libc::SIGSTOP);
+    let t = wait_until(Duration::from_secs(3), || ds[0].peer_status(&bid) != "connected");
+    ds[1].signal(libc::SIGCONT);
+    assert!(t.is_some(), "a frozen peer still shows connected after 3 s");
+    measured("silent peer (SIGSTOP) marked disconnected", t0.elapsed());
+    assert!(ds[0].log().contains("silent for 2500 ms"), "{}", ds[0].log());
+    let t0 = Instant::now();
+    let t = wait_until(Duration::from_secs(8), || full_mesh(&refs));
+    assert!(t.is_some(), "back after SIGCONT");
+    measured("after SIGCONT: connected again", t0.elapsed());
+}

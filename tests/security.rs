@@ -1,0 +1,182 @@
+//! Beacons that must be dropped, bearer checks, the lock-out, and the limits.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+use socket2::{Domain, Protocol, Socket, Type};
+
+const GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 0, 69);
+
+/// A socket on the test cluster's beacon port, joined on loopback (shares the
+/// port with the daemons through SO_REUSEPORT, as PROTOCOL §3 allows).
+fn beacon_socket(port: u16) -> UdpSocket {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.set_reuse_port(true).unwrap();
+    s.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into()).unwrap();
+    s.join_multicast_v4(&GROUP, &Ipv4Addr::LOCALHOST).unwrap();
+    s.set_multicast_if_v4(&Ipv4Addr::LOCALHOST).unwrap();
+    s.set_multicast_loop_v4(true).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    s.into()
+}
+
+fn rejected(d: &Daemon) -> u64 {
+    d.stats()["beacons_rejected"].as_u64().unwrap()
+}
+
+#[test]
+fn forged_replayed_and_junk_beacons_are_dropped_and_counted() {
+    let root = TempDir::new("beacons");
+    let bp = free_udp_port();
+    let sock = beacon_socket(bp);
+    let ds = cluster(&root.0, &["a", "b"], "1234", bp);
+    let refs: Vec<&Daemon> = ds.iter().collect();
+    assert!(wait_until(Duration::from_secs(3), || full_mesh(&refs)).is_some());
+    let (a, b) = (&ds[0], &ds[1]);
+
+    // Capture a genuine beacon of a.
+    let aid = a.install_id();
+    let mut buf = [0u8; 2048];
+    let captured: Value = loop {
+        let (n, _) = sock.recv_from(&mut buf).expect("a beacon within 8 s");
+        let v: Value = serde_json::from_slice(&buf[..n]).unwrap();
+        if v["installId"] == aid {
+            break v;
+        }
+    };
+    assert_eq!(captured["v"], 1);
+    assert_eq!(captured["clusterToken"].as_str().unwrap().len(), 16);
+    std::thread::sleep(Duration::from_millis(200)); // b has taken it by now
+    let to = SocketAddrV4::new(GROUP, bp);
+    let send = |v: &[u8]| {
+        sock.send_to(v, to).unwrap();
+    };
+    let expect_more_rejected = |before: u64, what: &str| {
+        let t = wait_until(Duration::from_secs(2), || rejected(b) > before);
+        assert!(t.is_some(), "{what} was not counted in beacons_rejected");
+    };
+
+    // 1. Exact replay of a captured beacon.
+    let before = rejected(b);
+    send(captured.to_string().as_bytes());
+    expect_more_rejected(before, "replayed beacon");
+
+    // 2. Captured beacon with another address/port (token binds every field).
+    let mut forged = captured.clone();
+    forged["port"] = json!(1);
+    forged["timestamp"] = json!(captured["timestamp"].as_u64().unwrap() + 10);
+    let before = rejected(b);
+    send(forged.to_string().as_bytes());
+    expect_more_rejected(before, "forged beacon");
+
+    // 3. A stranger with a made-up token.
+    let mut stranger = captured.clone();
+    stranger["installId"] = json!(krill::util::uuid_v4());
+    stranger["clusterToken"] = json!("0123456789abcdef");
+    let before = rejected(b);
+    send(stranger.to_string().as_bytes());
+    expect_more_rejected(before, "beacon with a wrong token");
+    assert!(b.peer(stranger["installId"].as_str().unwrap()).is_null());
+
+    // 4. Junk, oversize, wrong version, missing field.
+    let mut v2 = captured.clone();
+    v2["v"] = json!(2);
+    let mut missing = captured.clone();
+    missing.as_object_mut().unwrap().remove("sessionId");
+    for (what, bytes) in [
+        ("junk", b"hello".to_vec()),
+        ("oversize", vec![b'{'; 1500]),
+        ("version 2", v2.to_string().into_bytes()),
+        ("missing field", missing.to_string().into_bytes()),
+    ] {
+        let before = rejected(b);
+        send(&bytes);
+        expect_more_rejected(before, what);
+    }
+
+    // Nothing of it disturbed the mesh.
+    assert_eq!(b.peer_status(&aid), "connected");
+    assert_eq!(b.peer(&aid)["port"], a.port);
+    assert!(b.log().contains("dropped beacon"), "drops are logged at debug");
+}
+
+#[test]
+fn wrong_tokens_get_401_then_the_address_is_locked_out() {
+    let root = TempDir::new("lockout");
+    let mut d = Daemon::new(&root.0, "a", "1234", free_udp_port(), "");
+    d.start();
+    let (s, body) = d.request_as("GET", "/health", None, None);
+    assert_eq!((s, body.as_str()), (401, r#"{"error":"unauthorized"}"#));
+    for _ in 0..4 {
+        let (s, _) = d.request_as("GET", "/nodes", Some("0000"), None);
+        assert_eq!(s, 401);
+    }
+    // Five failures within a minute: even the right token gets 429 now.
+    let (s, _) = d.call("GET", "/health", None);
+    assert_eq!(s, 429);
+    let (s, _) = d.request_as("GET", "/network/peers", Some("x"), None);
+    assert_eq!(s, 429);
+    // /trust and /livez are never limited.
+    assert_eq!(d.request_as("GET", "/livez", None, None).0, 200);
+    assert_eq!(d.request_as("GET", "/trust", None, None).0, 200);
+    let log = d.log();
+    let warns = log.lines().filter(|l| l.contains("WARN") && l.contains("127.0.0.1")).count();
+    assert_eq!(warns, 1, "one warning per address per minute:\n{log}");
+    assert!(!log.contains(&d.bearer()), "the bearer never appears in the log");
+}
+
+#[test]
+fn limits_give_clear_errors_and_lose_nothing() {
+    let root = TempDir::new("limits");
+    let mut d = Daemon::new(&root.0, "a", "1234", free_udp_port(), "max_nodes = 2");
+    d.start();
+    for id in ["n1", "n2"] {
+        let (s, _) = d.call("PUT", &format!("/nodes/{id}"), Some(&json!({"type":"DataPoint","name":id})));
+        assert_eq!(s, 201);
+    }
+    let (s, body) = d.call("PUT", "/nodes/n3", Some(&json!({"type":"DataPoint","name":"n3"})));
+    assert_eq!(s, 409);
+    assert!(body["error"].as_str().unwrap().contains("max_nodes"), "{body}");
+    // Replacing an existing node is still fine at the limit.
+    let (s, body) = d.call("PUT", "/nodes/n1", Some(&json!({"type":"DataPoint","name":"renamed"})));
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["version"], 2);
+
+    // Body over 1 MiB.
+    let huge = format!("{{\"value\":\"{}\"}}", "x".repeat(1024 * 1024 + 10));
+    let (s, _) = d.request_as("POST", "/nodes/n2/value", Some(&d.bearer()), Some(&huge));
+    assert_eq!(s, 413);
+    // Bad bodies name the field.
+    for (body, want) in [
+        ("{", "not JSON"),
+        (r#"{"type":"Gizmo","name":"x"}"#, "unknown node type"),
+        (r#"{"type":"DataPoint"}"#, "'name'"),
+    ] {
+        let (s, text) = d.request_as("PUT", "/nodes/n2", Some(&d.bearer()), Some(body));
+        assert_eq!(s, 400, "{body}");
+        assert!(text.contains(want), "{body} -> {text}");
+    }
+    let (s, _) = d.call("POST", "/nodes/n2/value", Some(&json!({"value": {"nested": 1}})));
+    assert_eq!(s, 400);
+    let (s, _) = d.call("GET", "/nodes/nope", None);
+    assert_eq!(s, 404);
+    let (s, _) = d.call("DELETE", &format!("/nodes/{}", d.install_id()), None);
+    assert_eq!(s, 409, "the Server node cannot be deleted");
+    let (s, _) = d.call("POST", &format!("/nodes/{}/value", d.install_id()), Some(&json!({"value": 1})));
+    assert_eq!(s, 409, "a value for a node that is not a DataPoint");
+    let (s, _) = d.call("POST", "/nodes/n1/invoke", None);
+    assert_eq!(s, 409, "invoking a DataPoint");
+
+    // Nothing stored was lost, and it all survives a SIGKILL.
+    d.kill9();
+    d.start();
+    let nodes = d.get("/nodes")["nodes"].as_array().unwrap().clone();
+    let ids: Vec<&str> = nodes.iter().filter_map(|n| n["id"].as_str()).collect();
+    assert!(ids.contains(&"n1") && ids.contains(&"n2"), "{ids:?}");
+    assert_eq!(d.node("n1")["name"], "renamed");
+}
