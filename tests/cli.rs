@@ -8,7 +8,11 @@ use std::time::Duration;
 use common::*;
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).envs(env.iter().copied()).output().unwrap();
+    let out = Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -43,7 +47,10 @@ fn config_errors_name_key_and_source_and_exit_2() {
     let (c, _, err) = run(&["run", "--config", f], &[]);
     assert_eq!(c, 2);
     assert_eq!(err.lines().count(), 1, "one line: {err}");
-    assert!(err.contains("beacon_intervall_ms") && err.contains(f), "{err}");
+    assert!(
+        err.contains("beacon_intervall_ms") && err.contains(f),
+        "{err}"
+    );
 
     std::fs::write(&file, "port = \"x\"\n").unwrap();
     let (c, _, err) = run(&["run", "--config", f], &[]);
@@ -55,10 +62,16 @@ fn config_errors_name_key_and_source_and_exit_2() {
     assert_eq!(c, 2);
     assert!(err.contains("not valid TOML") && err.contains(f), "{err}");
 
-    let (c, _, err) = run(&["run", "--config", "/nonexistent.toml", "--port", "99999"], &[]);
+    let (c, _, err) = run(
+        &["run", "--config", "/nonexistent.toml", "--port", "99999"],
+        &[],
+    );
     assert_eq!(c, 2);
     assert!(err.contains("--port"), "{err}");
-    let (c, _, err) = run(&["run", "--config", "/nonexistent.toml"], &[("KRILL_BEACONS", "maybe")]);
+    let (c, _, err) = run(
+        &["run", "--config", "/nonexistent.toml"],
+        &[("KRILL_BEACONS", "maybe")],
+    );
     assert_eq!(c, 2);
     assert!(err.contains("KRILL_BEACONS"), "{err}");
     let (c, _, err) = run(&["run", "--bogus-flag"], &[]);
@@ -79,20 +92,47 @@ fn set_pin_validates_and_writes_0400_files() {
     assert!(!d.dir.join("cred").exists(), "nothing written on a bad PIN");
     let out = d.cli_stdin(&["set-pin", "--pin-stdin"], "0815\n");
     assert!(out.status.success());
-    let mode = |p: &str| std::fs::metadata(d.dir.join(p)).unwrap().permissions().mode() & 0o777;
+    let mode = |p: &str| {
+        std::fs::metadata(d.dir.join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
     assert_eq!(mode("cred"), 0o700);
     assert_eq!(mode("cred/pin_derived_key"), 0o400);
     assert_eq!(mode("cred/pin_hash"), 0o400);
     let hash = std::fs::read_to_string(d.dir.join("cred/pin_hash")).unwrap();
     assert!(hash.starts_with(&format!("pbkdf2-sha256${KDF}$")), "{hash}");
-    assert_eq!(d.bearer(), krill::credentials::Keys::derive("0815", "krill", KDF).bearer);
+    assert_eq!(
+        d.bearer(),
+        krill::credentials::Keys::derive("0815", "krill", KDF).bearer
+    );
     for f in ["cred/pin_derived_key", "cred/pin_hash"] {
-        assert!(!std::fs::read_to_string(d.dir.join(f)).unwrap().contains("0815"), "the PIN itself is never written");
+        assert!(
+            !std::fs::read_to_string(d.dir.join(f))
+                .unwrap()
+                .contains("0815"),
+            "the PIN itself is never written"
+        );
     }
-    assert_eq!(d.cli_stdin(&["set-pin", "--check", "--pin-stdin"], "0815\n").status.code(), Some(0));
-    assert_eq!(d.cli_stdin(&["set-pin", "--check", "--pin-stdin"], "0816\n").status.code(), Some(1));
+    assert_eq!(
+        d.cli_stdin(&["set-pin", "--check", "--pin-stdin"], "0815\n")
+            .status
+            .code(),
+        Some(0)
+    );
+    assert_eq!(
+        d.cli_stdin(&["set-pin", "--check", "--pin-stdin"], "0816\n")
+            .status
+            .code(),
+        Some(1)
+    );
     // A passphrase works too.
-    let out = d.cli_stdin(&["set-pin", "--pin-stdin"], "correct horse battery staple\n");
+    let out = d.cli_stdin(
+        &["set-pin", "--pin-stdin"],
+        "correct horse battery staple\n",
+    );
     assert!(out.status.success());
 }
 
@@ -103,24 +143,39 @@ fn without_a_pin_only_livez_answers_until_sighup_brings_one() {
     d.start();
     assert!(d.log().contains("no cluster PIN set"), "{}", d.log());
     let (s, body) = d.request_as("GET", "/trust", None, None);
-    assert_eq!((s, body.as_str()), (503, r#"{"error":"no cluster PIN set"}"#));
+    assert_eq!(
+        (s, body.as_str()),
+        (503, r#"{"error":"no cluster PIN set"}"#)
+    );
     let (s, body) = d.request_as("GET", "/health", Some("whatever"), None);
-    assert_eq!((s, body.as_str()), (503, r#"{"error":"no cluster PIN set"}"#));
-    assert_eq!(d.request_as("GET", "/livez", None, None), (200, r#"{"status":"ok"}"#.to_string()));
+    assert_eq!(
+        (s, body.as_str()),
+        (503, r#"{"error":"no cluster PIN set"}"#)
+    );
+    assert_eq!(
+        d.request_as("GET", "/livez", None, None),
+        (200, r#"{"status":"ok"}"#.to_string())
+    );
 
     // Set a PIN and reload: takes effect without a restart.
     let out = d.cli_stdin(&["set-pin", "--pin-stdin"], "4321\n");
     assert!(out.status.success());
     let pid = d.pid();
     d.signal(libc::SIGHUP);
-    let t = wait_until(Duration::from_secs(3), || d.call("GET", "/health", None).0 == 200);
+    let t = wait_until(Duration::from_secs(3), || {
+        d.call("GET", "/health", None).0 == 200
+    });
     assert!(t.is_some(), "PIN picked up on SIGHUP:\n{}", d.log());
     assert_eq!(d.pid(), pid);
     assert_eq!(d.request_as("GET", "/trust", None, None).0, 200);
 
     // A new PIN replaces the old one: the old bearer stops working.
     let old = d.bearer();
-    assert!(d.cli_stdin(&["set-pin", "--pin-stdin"], "5555\n").status.success());
+    assert!(
+        d.cli_stdin(&["set-pin", "--pin-stdin"], "5555\n")
+            .status
+            .success()
+    );
     d.signal(libc::SIGHUP);
     let t = wait_until(Duration::from_secs(3), || {
         d.request_as("GET", "/health", Some(&old), None).0 == 401
@@ -151,20 +206,33 @@ fn client_commands_talk_to_the_local_daemon() {
     let out = a.cli(&["status"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("on alpha: ok") && text.contains("1 connected"), "{text}");
+    assert!(
+        text.contains("on alpha: ok") && text.contains("1 connected"),
+        "{text}"
+    );
 
     let out = a.cli(&["peers"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.starts_with("NAME") && text.contains("beta") && text.contains("connected"), "{text}");
+    assert!(
+        text.starts_with("NAME") && text.contains("beta") && text.contains("connected"),
+        "{text}"
+    );
     let out = a.cli(&["peers", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["peers"][0]["name"], "beta");
 
     let out = ds[1].cli(&["set", "t1", "21.5"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = a.cli(&["nodes"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("Kitchen") && text.contains("21.5 °C"), "{text}");
+    assert!(
+        text.contains("Kitchen") && text.contains("21.5 °C"),
+        "{text}"
+    );
     let out = a.cli(&["set", "nope", "1"]);
     assert_eq!(out.status.code(), Some(1));
 

@@ -161,10 +161,11 @@ fn sigterm_says_goodbye_and_exits_zero_fast() {
         );
     }
     measured("SIGTERM: others mark it left", t0.elapsed());
-    let (status, took) = ds[1].term_wait();
+    let (status, _) = ds[1].term_wait();
+    let took = t0.elapsed();
     assert_eq!(status.code(), Some(0), "exit status");
     assert!(took < Duration::from_secs(2), "exit took {took:?}");
-    measured("SIGTERM: process exit", took);
+    measured("SIGTERM: process exit after the signal", took);
     assert!(ds[1].log().contains("shutting down"));
 }
 
@@ -232,11 +233,17 @@ fn a_silent_peer_is_noticed_by_the_read_timeout_and_returns() {
     let bid = ds[1].install_id();
     let t0 = Instant::now();
     ds[1].signal(libc::SIGSTOP);
-    let t = wait_until(Duration::from_secs(3), || ds[0].peer_status(&bid) != "connected");
+    let t = wait_until(Duration::from_secs(3), || {
+        ds[0].peer_status(&bid) != "connected"
+    });
     ds[1].signal(libc::SIGCONT);
     assert!(t.is_some(), "a frozen peer still shows connected after 3 s");
     measured("silent peer (SIGSTOP) marked disconnected", t0.elapsed());
-    assert!(ds[0].log().contains("silent for 2500 ms"), "{}", ds[0].log());
+    assert!(
+        ds[0].log().contains("silent for 2500 ms"),
+        "{}",
+        ds[0].log()
+    );
     let t0 = Instant::now();
     let t = wait_until(Duration::from_secs(8), || full_mesh(&refs));
     assert!(t.is_some(), "back after SIGCONT");

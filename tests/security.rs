@@ -17,7 +17,8 @@ fn beacon_socket(port: u16) -> UdpSocket {
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
     s.set_reuse_address(true).unwrap();
     s.set_reuse_port(true).unwrap();
-    s.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into()).unwrap();
+    s.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())
+        .unwrap();
     s.join_multicast_v4(&GROUP, &Ipv4Addr::LOCALHOST).unwrap();
     s.set_multicast_if_v4(&Ipv4Addr::LOCALHOST).unwrap();
     s.set_multicast_loop_v4(true).unwrap();
@@ -102,7 +103,10 @@ fn forged_replayed_and_junk_beacons_are_dropped_and_counted() {
     // Nothing of it disturbed the mesh.
     assert_eq!(b.peer_status(&aid), "connected");
     assert_eq!(b.peer(&aid)["port"], a.port);
-    assert!(b.log().contains("dropped beacon"), "drops are logged at debug");
+    assert!(
+        b.log().contains("dropped beacon"),
+        "drops are logged at debug"
+    );
 }
 
 #[test]
@@ -125,9 +129,15 @@ fn wrong_tokens_get_401_then_the_address_is_locked_out() {
     assert_eq!(d.request_as("GET", "/livez", None, None).0, 200);
     assert_eq!(d.request_as("GET", "/trust", None, None).0, 200);
     let log = d.log();
-    let warns = log.lines().filter(|l| l.contains("WARN") && l.contains("127.0.0.1")).count();
+    let warns = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("127.0.0.1"))
+        .count();
     assert_eq!(warns, 1, "one warning per address per minute:\n{log}");
-    assert!(!log.contains(&d.bearer()), "the bearer never appears in the log");
+    assert!(
+        !log.contains(&d.bearer()),
+        "the bearer never appears in the log"
+    );
 }
 
 #[test]
@@ -136,14 +146,29 @@ fn limits_give_clear_errors_and_lose_nothing() {
     let mut d = Daemon::new(&root.0, "a", "1234", free_udp_port(), "max_nodes = 2");
     d.start();
     for id in ["n1", "n2"] {
-        let (s, _) = d.call("PUT", &format!("/nodes/{id}"), Some(&json!({"type":"DataPoint","name":id})));
+        let (s, _) = d.call(
+            "PUT",
+            &format!("/nodes/{id}"),
+            Some(&json!({"type":"DataPoint","name":id})),
+        );
         assert_eq!(s, 201);
     }
-    let (s, body) = d.call("PUT", "/nodes/n3", Some(&json!({"type":"DataPoint","name":"n3"})));
+    let (s, body) = d.call(
+        "PUT",
+        "/nodes/n3",
+        Some(&json!({"type":"DataPoint","name":"n3"})),
+    );
     assert_eq!(s, 409);
-    assert!(body["error"].as_str().unwrap().contains("max_nodes"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("max_nodes"),
+        "{body}"
+    );
     // Replacing an existing node is still fine at the limit.
-    let (s, body) = d.call("PUT", "/nodes/n1", Some(&json!({"type":"DataPoint","name":"renamed"})));
+    let (s, body) = d.call(
+        "PUT",
+        "/nodes/n1",
+        Some(&json!({"type":"DataPoint","name":"renamed"})),
+    );
     assert_eq!(s, 200, "{body}");
     assert_eq!(body["version"], 2);
 
@@ -161,13 +186,21 @@ fn limits_give_clear_errors_and_lose_nothing() {
         assert_eq!(s, 400, "{body}");
         assert!(text.contains(want), "{body} -> {text}");
     }
-    let (s, _) = d.call("POST", "/nodes/n2/value", Some(&json!({"value": {"nested": 1}})));
+    let (s, _) = d.call(
+        "POST",
+        "/nodes/n2/value",
+        Some(&json!({"value": {"nested": 1}})),
+    );
     assert_eq!(s, 400);
     let (s, _) = d.call("GET", "/nodes/nope", None);
     assert_eq!(s, 404);
     let (s, _) = d.call("DELETE", &format!("/nodes/{}", d.install_id()), None);
     assert_eq!(s, 409, "the Server node cannot be deleted");
-    let (s, _) = d.call("POST", &format!("/nodes/{}/value", d.install_id()), Some(&json!({"value": 1})));
+    let (s, _) = d.call(
+        "POST",
+        &format!("/nodes/{}/value", d.install_id()),
+        Some(&json!({"value": 1})),
+    );
     assert_eq!(s, 409, "a value for a node that is not a DataPoint");
     let (s, _) = d.call("POST", "/nodes/n1/invoke", None);
     assert_eq!(s, 409, "invoking a DataPoint");

@@ -29,7 +29,11 @@ fn stream(d: &Daemon, query: &str, last_id: Option<&str>) -> Reader<Box<dyn Read
 
 fn next(r: &mut Reader<Box<dyn Read + Send + Sync>>) -> (String, String, Value) {
     let e = r.next_event().unwrap().expect("an event");
-    (e.id.unwrap(), e.event, serde_json::from_str(&e.data).unwrap())
+    (
+        e.id.unwrap(),
+        e.event,
+        serde_json::from_str(&e.data).unwrap(),
+    )
 }
 
 #[test]
@@ -45,9 +49,16 @@ fn snapshot_events_ids_and_resume() {
     assert_eq!(id, format!("{session}:0"), "seq 0 before any change");
     assert_eq!(data["host"], d.install_id());
     assert_eq!(data["sessionId"], session.as_str());
-    assert_eq!(data["nodes"][0]["type"], "Server", "the Server node exists from the start");
+    assert_eq!(
+        data["nodes"][0]["type"], "Server",
+        "the Server node exists from the start"
+    );
 
-    let (s, _) = d.call("PUT", "/nodes/p", Some(&json!({"type":"DataPoint","name":"p","meta":{"value":1}})));
+    let (s, _) = d.call(
+        "PUT",
+        "/nodes/p",
+        Some(&json!({"type":"DataPoint","name":"p","meta":{"value":1}})),
+    );
     assert_eq!(s, 201);
     for v in 2..=4 {
         let (s, _) = d.call("POST", "/nodes/p/value", Some(&json!({ "value": v })));
@@ -66,13 +77,19 @@ fn snapshot_events_ids_and_resume() {
     let (s, _) = d.call("DELETE", "/nodes/p", None);
     assert_eq!(s, 204);
     let (id, ev, data) = next(&mut r);
-    assert_eq!((id.as_str(), ev.as_str()), (format!("{session}:5").as_str(), "delete"));
+    assert_eq!(
+        (id.as_str(), ev.as_str()),
+        (format!("{session}:5").as_str(), "delete")
+    );
     assert_eq!(data, json!({"id": "p", "host": d.install_id()}));
 
     // Resume after event 2: exactly events 3, 4, 5 follow, no snapshot.
     let mut r2 = stream(&d, "", Some(&ids[1]));
     let got: Vec<String> = (0..3).map(|_| next(&mut r2).0).collect();
-    assert_eq!(got, vec![ids[2].clone(), ids[3].clone(), format!("{session}:5")]);
+    assert_eq!(
+        got,
+        vec![ids[2].clone(), ids[3].clone(), format!("{session}:5")]
+    );
 
     // An id of another session gets a fresh snapshot.
     let mut r3 = stream(&d, "", Some("00000000-0000-4000-8000-000000000000:3"));
@@ -89,7 +106,13 @@ fn snapshot_events_ids_and_resume() {
 #[test]
 fn keepalive_comments_flow_on_a_quiet_stream() {
     let root = TempDir::new("ka");
-    let mut d = Daemon::new(&root.0, "a", "1234", free_udp_port(), "sse_keepalive_ms = 200");
+    let mut d = Daemon::new(
+        &root.0,
+        "a",
+        "1234",
+        free_udp_port(),
+        "sse_keepalive_ms = 200",
+    );
     d.start();
     let pem = std::fs::read_to_string(d.dir.join("state/tls/cert.pem")).unwrap();
     let agent = krill::tls::agent(
@@ -113,7 +136,10 @@ fn keepalive_comments_flow_on_a_quiet_stream() {
     }
     let text = String::from_utf8_lossy(&seen);
     let comments = text.matches("\n:\n\n").count() + usize::from(text.starts_with(":\n\n"));
-    assert!((3..=7).contains(&comments), "about 5 keep-alives in 1.1 s at 200 ms, got {comments}: {text}");
+    assert!(
+        (3..=7).contains(&comments),
+        "about 5 keep-alives in 1.1 s at 200 ms, got {comments}: {text}"
+    );
 }
 
 #[test]
@@ -127,17 +153,40 @@ fn scope_all_carries_mirrored_nodes_without_gaps() {
     let mut all = stream(b, "?scope=all", None);
     let (_, ev, snap) = next(&mut all);
     assert_eq!(ev, "snapshot");
-    let hosts: Vec<&str> = snap["nodes"].as_array().unwrap().iter().filter_map(|n| n["host"].as_str()).collect();
-    assert!(hosts.contains(&a.install_id().as_str()), "mirrored Server node of a in b's full snapshot");
+    let hosts: Vec<&str> = snap["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["host"].as_str())
+        .collect();
+    assert!(
+        hosts.contains(&a.install_id().as_str()),
+        "mirrored Server node of a in b's full snapshot"
+    );
     let mut own = stream(b, "", None);
     let (_, _, snap_own) = next(&mut own);
-    assert_eq!(snap_own["nodes"].as_array().unwrap().len(), 1, "own scope: only b's Server node");
+    assert_eq!(
+        snap_own["nodes"].as_array().unwrap().len(),
+        1,
+        "own scope: only b's Server node"
+    );
 
-    let (s, _) = a.call("PUT", "/nodes/x", Some(&json!({"type":"DataPoint","name":"x","meta":{"value":7}})));
+    let (s, _) = a.call(
+        "PUT",
+        "/nodes/x",
+        Some(&json!({"type":"DataPoint","name":"x","meta":{"value":7}})),
+    );
     assert_eq!(s, 201);
     let (id1, ev, data) = next(&mut all);
-    assert_eq!((ev.as_str(), data["id"].as_str(), data["host"].as_str()), ("node", Some("x"), Some(a.install_id().as_str())));
-    let (s, _) = b.call("PUT", "/nodes/y", Some(&json!({"type":"DataPoint","name":"y"})));
+    assert_eq!(
+        (ev.as_str(), data["id"].as_str(), data["host"].as_str()),
+        ("node", Some("x"), Some(a.install_id().as_str()))
+    );
+    let (s, _) = b.call(
+        "PUT",
+        "/nodes/y",
+        Some(&json!({"type":"DataPoint","name":"y"})),
+    );
     assert_eq!(s, 201);
     let (id2, _, data) = next(&mut all);
     assert_eq!(data["id"], "y");

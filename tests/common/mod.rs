@@ -61,9 +61,20 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Durati
     }
 }
 
-/// Prints a measured figure so `scripts/test` shows it.
+/// Where measured figures collect; `scripts/test` prints the file at the end.
+pub const MEASURED_FILE: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/measured.txt");
+
+/// Records a measured figure (printed too, for `--nocapture` runs).
 pub fn measured(what: &str, d: Duration) {
-    println!("MEASURED {what}: {} ms", d.as_millis());
+    let line = format!("{what}: {} ms\n", d.as_millis());
+    print!("MEASURED {line}");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(MEASURED_FILE)
+    {
+        let _ = f.write_all(line.as_bytes());
+    }
 }
 
 pub struct Daemon {
