@@ -241,3 +241,34 @@ fn client_commands_talk_to_the_local_daemon() {
     let out = stopped.cli(&["status"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn under_systemd_lines_carry_a_priority_and_no_timestamp() {
+    let root = TempDir::new("journal");
+    let d = Daemon::new(&root.0, "a", "1234", free_udp_port(), "");
+    let log = std::fs::File::create(d.log_path()).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&d.config)
+        .env("JOURNAL_STREAM", "8:12345")
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let up = wait_until(Duration::from_secs(10), || d.livez());
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(up.is_some());
+    assert_eq!(status.code(), Some(0));
+    let text = d.log();
+    assert!(text.lines().count() >= 3, "{text}");
+    for line in text.lines() {
+        let p = line.get(..3).unwrap_or("");
+        assert!(
+            ["<3>", "<4>", "<6>", "<7>"].contains(&p),
+            "no priority prefix: {line}"
+        );
+        assert!(!line.contains("Z INFO"), "no timestamp of its own: {line}");
+    }
+    assert!(text.contains("<6>krill 0.1.0 started"), "{text}");
+}

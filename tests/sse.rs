@@ -196,3 +196,85 @@ fn scope_all_carries_mirrored_nodes_without_gaps() {
     let (_, _, data) = next(&mut own);
     assert_eq!(data["id"], "y");
 }
+
+#[test]
+fn a_subscriber_that_never_reads_is_dropped_not_buffered() {
+    use std::io::Write;
+    use std::sync::Arc;
+    let root = TempDir::new("slow");
+    let mut d = Daemon::new(&root.0, "a", "1234", free_udp_port(), "");
+    d.start();
+    // A client with a tiny receive buffer that reads nothing after its request.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], d.port)).into())
+        .unwrap();
+    let tcp: std::net::TcpStream = sock.into();
+    let pem = std::fs::read_to_string(d.dir.join("state/tls/cert.pem")).unwrap();
+    let der = krill::tls::pem_to_der(&pem).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(krill::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(krill::tls::Verifier::pinned(der))
+        .with_no_client_auth();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    write!(
+        tls,
+        "GET /sse?scope=all HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        d.bearer()
+    )
+    .unwrap();
+    tls.flush().unwrap();
+    let (s, _) = d.call(
+        "PUT",
+        "/nodes/v",
+        Some(&json!({"type":"DataPoint","name":"v","meta":{"value":"x"}})),
+    );
+    assert_eq!(s, 201);
+    // Push events until the server gives up on the stalled stream.
+    let pad = "p".repeat(2000);
+    let dropped = || d.log().contains("cannot keep up");
+    let t0 = Instant::now();
+    std::thread::scope(|sc| {
+        for w in 0..8 {
+            let (d, pad) = (&d, &pad);
+            sc.spawn(move || {
+                let pem = std::fs::read_to_string(d.dir.join("state/tls/cert.pem")).unwrap();
+                let agent = krill::tls::agent(
+                    krill::tls::Verifier::pinned(krill::tls::pem_to_der(&pem).unwrap()),
+                    Duration::from_secs(1),
+                    Duration::from_secs(5),
+                );
+                let auth = format!("Bearer {}", d.bearer());
+                for i in 0..2000 {
+                    if i % 50 == 0 && d.log().contains("cannot keep up") {
+                        return;
+                    }
+                    let body = json!({ "value": format!("{w}-{i}-{pad}") }).to_string();
+                    let r = agent
+                        .post(&d.url("/nodes/v/value"))
+                        .set("Authorization", &auth)
+                        .send_string(&body);
+                    assert!(r.is_ok(), "{r:?}");
+                }
+            });
+        }
+    });
+    assert!(
+        dropped(),
+        "a stalled subscriber was never dropped:\n{}",
+        d.log()
+    );
+    measured(
+        "stalled SSE subscriber dropped after pushing updates for",
+        t0.elapsed(),
+    );
+    // The server is fine and still serves others.
+    assert_eq!(d.call("GET", "/health", None).0, 200);
+    let mut r = stream(&d, "", None);
+    assert_eq!(next(&mut r).1, "snapshot");
+    drop(tls);
+}
