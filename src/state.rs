@@ -485,7 +485,7 @@ impl State {
                     let _ = ctl.send(PeerCtl::Stop);
                 }
                 let id = b.install_id.clone();
-                self.mark_stale(&id);
+                self.set_stale(&id, true);
             }
             return;
         }
@@ -628,7 +628,7 @@ impl State {
                 p.os = h.os;
                 p.platform = h.platform;
                 log::info!("peer connected: {}", p.label());
-                self.unmark_stale(install_id);
+                self.set_stale(install_id, false);
             }
             PeerReport::Snapshot(nodes) => self.apply_snapshot(install_id, nodes),
             PeerReport::Node(n) => {
@@ -656,7 +656,7 @@ impl State {
                         log::info!("peer disconnected: {} ({reason})", p.label());
                     }
                     p.connected_since = None;
-                    self.mark_stale(install_id);
+                    self.set_stale(install_id, true);
                 } else {
                     p.failure_count += 1;
                     if p.status != PeerStatus::Left {
@@ -711,8 +711,15 @@ impl State {
         }
     }
 
-    fn mark_stale(&mut self, host: &str) {
-        if !self.stale_hosts.insert(host.to_string()) {
+    /// Marks a host's mirrored nodes stale (owner gone) or current again, and
+    /// re-emits them as they are now presented.
+    fn set_stale(&mut self, host: &str, stale: bool) {
+        let changed = if stale {
+            self.stale_hosts.insert(host.to_string())
+        } else {
+            self.stale_hosts.remove(host)
+        };
+        if !changed {
             return;
         }
         let nodes: Vec<Node> = self
@@ -723,20 +730,6 @@ impl State {
         for n in nodes {
             let shown = self.present(&n);
             self.emit_node(&shown, false);
-        }
-    }
-
-    fn unmark_stale(&mut self, host: &str) {
-        if !self.stale_hosts.remove(host) {
-            return;
-        }
-        let nodes: Vec<Node> = self
-            .mirrors
-            .get(host)
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
-        for n in nodes {
-            self.emit_node(&n, false);
         }
     }
 
@@ -1143,7 +1136,7 @@ impl State {
                     p.connected_since = None;
                 }
             }
-            self.mark_stale(id);
+            self.set_stale(id, true);
             if self.keys.read().is_some() {
                 self.dial(id);
             }

@@ -10,13 +10,8 @@ use krill::sse::Reader;
 use serde_json::{Value, json};
 
 fn stream(d: &Daemon, query: &str, last_id: Option<&str>) -> Reader<Box<dyn Read + Send + Sync>> {
-    let pem = std::fs::read_to_string(d.dir.join("state/tls/cert.pem")).unwrap();
-    let agent = krill::tls::agent(
-        krill::tls::Verifier::pinned(krill::tls::pem_to_der(&pem).unwrap()),
-        Duration::from_secs(1),
-        Duration::from_secs(5),
-    );
-    let mut req = agent
+    let mut req = d
+        .agent()
         .get(&d.url(&format!("/sse{query}")))
         .set("Authorization", &format!("Bearer {}", d.bearer()));
     if let Some(id) = last_id {
@@ -114,13 +109,8 @@ fn keepalive_comments_flow_on_a_quiet_stream() {
         "sse_keepalive_ms = 200",
     );
     d.start();
-    let pem = std::fs::read_to_string(d.dir.join("state/tls/cert.pem")).unwrap();
-    let agent = krill::tls::agent(
-        krill::tls::Verifier::pinned(krill::tls::pem_to_der(&pem).unwrap()),
-        Duration::from_secs(1),
-        Duration::from_secs(2),
-    );
-    let r = agent
+    let r = d
+        .agent()
         .get(&d.url("/sse"))
         .set("Authorization", &format!("Bearer {}", d.bearer()))
         .call()
@@ -242,12 +232,7 @@ fn a_subscriber_that_never_reads_is_dropped_not_buffered() {
         for w in 0..8 {
             let (d, pad) = (&d, &pad);
             sc.spawn(move || {
-                let pem = std::fs::read_to_string(d.dir.join("state/tls/cert.pem")).unwrap();
-                let agent = krill::tls::agent(
-                    krill::tls::Verifier::pinned(krill::tls::pem_to_der(&pem).unwrap()),
-                    Duration::from_secs(1),
-                    Duration::from_secs(5),
-                );
+                let agent = d.agent();
                 let auth = format!("Bearer {}", d.bearer());
                 for i in 0..2000 {
                     if i % 50 == 0 && d.log().contains("cannot keep up") {

@@ -216,7 +216,8 @@ impl Daemon {
             .to_string()
     }
 
-    fn agent(&self) -> ureq::Agent {
+    /// A client that trusts exactly this daemon's certificate.
+    pub fn agent(&self) -> ureq::Agent {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let pem = std::fs::read_to_string(self.dir.join("state/tls/cert.pem")).unwrap();
         let der = krill::tls::pem_to_der(&pem).unwrap();
