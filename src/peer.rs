@@ -227,9 +227,15 @@ impl PeerThread {
         failed(format!("trust: {msg}"))
     }
 
-    /// Fetches `/trust`, checks the proof and that it names the certificate the
-    /// server presented, and pins it. Returns the certificate (DER).
-    fn trust(&mut self, trust_key: &[u8]) -> Result<Vec<u8>, End> {
+    /// Fetches `/trust` over `agent` (whose verifier pins the first certificate it
+    /// sees), checks the proof and that it names the certificate the server presented,
+    /// and pins it on disk.
+    fn trust(
+        &mut self,
+        agent: &ureq::Agent,
+        verifier: &Verifier,
+        trust_key: &[u8],
+    ) -> Result<(), End> {
         #[derive(Deserialize)]
         #[serde(rename_all = "camelCase")]
         struct TrustBody {
@@ -237,21 +243,9 @@ impl PeerThread {
             cert_pem: String,
             proof: String,
         }
-        let t = &self.ctx.timings;
-        let rec = Verifier::recording();
-        let agent = tls::agent(
-            rec.clone(),
-            t.dial_timeout,
-            t.dial_timeout.max(Duration::from_secs(3)),
-        );
-        let body = get(
-            &agent,
-            &format!("https://{}/trust", self.target),
-            None,
-            None,
-        )
-        .and_then(|(_, r)| read_small(r))
-        .map_err(failed)?;
+        let body = get(agent, &format!("https://{}/trust", self.target), None, None)
+            .and_then(|(_, r)| read_small(r))
+            .map_err(failed)?;
         let tb: TrustBody = serde_json::from_str(&body)
             .map_err(|e| failed(format!("/trust answer is not valid: {e}")))?;
         if tb.install_id != self.install_id {
@@ -263,7 +257,7 @@ impl PeerThread {
         let Some(der) = tls::pem_to_der(&tb.cert_pem) else {
             return Err(self.trust_error("certPem holds no certificate".into()));
         };
-        if rec.seen().as_deref() != Some(der.as_slice()) {
+        if verifier.seen().as_deref() != Some(der.as_slice()) {
             return Err(self
                 .trust_error("certPem is not the certificate presented in the handshake".into()));
         }
@@ -288,19 +282,23 @@ impl PeerThread {
             }
         }
         self.last_trust_error = None;
-        Ok(der)
+        Ok(())
     }
 
     fn session(&mut self) -> End {
         let Some(keys) = self.ctx.keys.read().clone() else {
             return failed("no cluster PIN set");
         };
-        let der = match self.trust(&keys.trust_key) {
-            Ok(d) => d,
-            Err(e) => return e,
-        };
+        // One client for the whole session: /trust, /health and /sse share one
+        // kept-alive connection (one TCP and TLS handshake per attempt, which
+        // matters on lossy Wi-Fi), and any new connection must present the
+        // certificate /trust proved.
         let t = self.ctx.timings.clone();
-        let agent = tls::agent(Verifier::pinned(der), t.dial_timeout, t.sse_dead_after());
+        let verifier = Verifier::first_seen();
+        let agent = tls::agent(verifier.clone(), t.dial_timeout, t.sse_dead_after());
+        if let Err(e) = self.trust(&agent, &verifier, &keys.trust_key) {
+            return e;
+        }
         let base = format!("https://{}", self.target);
         let health = match get(&agent, &format!("{base}/health"), Some(&keys.bearer), None)
             .and_then(|(_, r)| read_small(r))

@@ -142,35 +142,36 @@ pub fn save_pin(state_dir: &Path, install_id: &str, cert_pem: &str) -> Result<()
         .map_err(|e| format!("cannot write {}: {e}", p.display()))
 }
 
-/// Accepts exactly one certificate, or (when `pinned` is `None`) any certificate,
-/// recording the one it saw. Signatures are always verified.
+/// Accepts exactly one certificate: the pinned one, or (made with [`Verifier::first_seen`])
+/// whichever the first handshake presents, and from then on only that one. Signatures
+/// are always verified, so only the holder of the certificate's key gets through.
 #[derive(Debug)]
 pub struct Verifier {
-    pinned: Option<Vec<u8>>,
-    seen: Mutex<Option<Vec<u8>>>,
+    pinned: Mutex<Option<Vec<u8>>>,
     algs: WebPkiSupportedAlgorithms,
 }
 
 impl Verifier {
     pub fn pinned(der: Vec<u8>) -> Arc<Verifier> {
         Arc::new(Verifier {
-            pinned: Some(der),
-            seen: Mutex::new(None),
+            pinned: Mutex::new(Some(der)),
             algs: provider().signature_verification_algorithms,
         })
     }
 
-    pub fn recording() -> Arc<Verifier> {
+    /// Trust on first use within one client: the `/trust` fetch of a peer session
+    /// learns the certificate, checks its proof, and every later connection of the
+    /// same client must present that same certificate.
+    pub fn first_seen() -> Arc<Verifier> {
         Arc::new(Verifier {
-            pinned: None,
-            seen: Mutex::new(None),
+            pinned: Mutex::new(None),
             algs: provider().signature_verification_algorithms,
         })
     }
 
-    /// The certificate the server presented last.
+    /// The certificate this verifier accepts (none yet for a fresh `first_seen`).
     pub fn seen(&self) -> Option<Vec<u8>> {
-        self.seen.lock().clone()
+        self.pinned.lock().clone()
     }
 }
 
@@ -183,12 +184,16 @@ impl ServerCertVerifier for Verifier {
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        *self.seen.lock() = Some(end_entity.to_vec());
-        match &self.pinned {
-            Some(p) if p.as_slice() != end_entity.as_ref() => Err(rustls::Error::General(
+        let mut pinned = self.pinned.lock();
+        match pinned.as_deref() {
+            Some(p) if p != end_entity.as_ref() => Err(rustls::Error::General(
                 "certificate is not the pinned one".into(),
             )),
-            _ => Ok(ServerCertVerified::assertion()),
+            Some(_) => Ok(ServerCertVerified::assertion()),
+            None => {
+                *pinned = Some(end_entity.to_vec());
+                Ok(ServerCertVerified::assertion())
+            }
         }
     }
 

@@ -69,7 +69,12 @@ impl TaskPool {
     pub fn spawn(&self, code: Box<dyn FnMut() + Send>) {
         let mut queue = self.sharing.todo.lock().unwrap();
 
-        if self.sharing.waiting_tasks.load(Ordering::Acquire) == 0 {
+        // krill patch: a thread woken for an earlier queued task still counts as
+        // waiting until it takes that task, so only idle threads beyond the queued
+        // tasks are free. Upstream compared with 0: a burst of connections queued
+        // tasks with no thread left to run them, and since a task lives as long
+        // as its connection, they starved.
+        if self.sharing.waiting_tasks.load(Ordering::Acquire) <= queue.len() {
             self.add_thread(Some(code));
         } else {
             queue.push_back(code);
