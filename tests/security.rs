@@ -213,3 +213,81 @@ fn limits_give_clear_errors_and_lose_nothing() {
     assert!(ids.contains(&"n1") && ids.contains(&"n2"), "{ids:?}");
     assert_eq!(d.node("n1")["name"], "renamed");
 }
+
+#[test]
+fn a_reinstalled_peer_with_a_valid_proof_is_re_pinned_with_a_warning() {
+    let root = TempDir::new("reinstall");
+    let bp = free_udp_port();
+    let mut ds = cluster(&root.0, &["a", "b"], "1234", bp);
+    let refs: Vec<&Daemon> = ds.iter().collect();
+    assert!(wait_until(Duration::from_secs(3), || full_mesh(&refs)).is_some());
+    let bid = ds[1].install_id();
+    let pin_file = ds[0].dir.join(format!("state/peers/{bid}.pem"));
+    let old_pin = std::fs::read_to_string(&pin_file).unwrap();
+    ds[1].term();
+    std::fs::remove_dir_all(ds[1].dir.join("state/tls")).unwrap(); // a new certificate
+    ds[1].start();
+    let t = wait_until(Duration::from_secs(3), || {
+        ds[0].peer_status(&bid) == "connected"
+    });
+    assert!(t.is_some(), "reconnected with the new certificate");
+    let new_pin = std::fs::read_to_string(&pin_file).unwrap();
+    assert_ne!(new_pin, old_pin, "the new certificate is pinned");
+    let log = ds[0].log();
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("new certificate with a valid proof")
+            && l.contains(&bid[..8])),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_peer_whose_proof_does_not_verify_is_refused_and_logged_at_error() {
+    let root = TempDir::new("impostor");
+    let bp = free_udp_port();
+    let mut ds = cluster(&root.0, &["a", "b"], "1234", bp);
+    let refs: Vec<&Daemon> = ds.iter().collect();
+    assert!(wait_until(Duration::from_secs(3), || full_mesh(&refs)).is_some());
+    let (bid, bport) = (ds[1].install_id(), ds[1].port);
+    // b comes back under another PIN: its own beacons are refused by a...
+    ds[1].term();
+    assert!(
+        ds[1]
+            .cli_stdin(&["set-pin", "--pin-stdin"], "9999\n")
+            .status
+            .success()
+    );
+    ds[1].start();
+    // ...so forge beacons for it with the cluster's key: a dials, and only the
+    // /trust proof (made with b's new PIN) stands between a's bearer and b.
+    let keys = krill::credentials::Keys::derive("1234", "krill", KDF);
+    let me = krill::beacon::Me {
+        install_id: bid.clone(),
+        session_id: krill::util::uuid_v4(),
+        host: "b".into(),
+        name: "b".into(),
+        port: bport,
+    };
+    let sock = beacon_socket(bp);
+    let t = wait_until(Duration::from_secs(3), || {
+        let b = krill::beacon::Beacon::new_signed(&keys.beacon_key, &me, "up");
+        sock.send_to(
+            &serde_json::to_vec(&b).unwrap(),
+            SocketAddrV4::new(GROUP, bp),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        ds[0].log().contains("trust failed")
+    });
+    assert!(t.is_some(), "a never tried b:\n{}", ds[0].log());
+    let log = ds[0].log();
+    let line = log.lines().find(|l| l.contains("trust failed")).unwrap();
+    assert!(
+        line.contains("ERROR") && line.contains("bad proof") && line.contains(&bid[..8]),
+        "{line}"
+    );
+    assert_ne!(ds[0].peer_status(&bid), "connected");
+    // b never saw a's bearer: it counted no failed bearer checks from a.
+    assert!(!ds[1].log().contains("locked out"));
+}
