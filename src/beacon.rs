@@ -136,9 +136,9 @@ pub struct ReplayGuard {
 impl ReplayGuard {
     pub fn check(&mut self, b: &Beacon) -> Result<Freshness, &'static str> {
         let Some(p) = self.peers.get_mut(&b.install_id) else {
-            if b.leaving() {
-                return Err("leaving beacon from an unknown peer");
-            }
+            // A first beacon may be a goodbye from a peer we only know through its
+            // connection: the state owner accepts it only for the session the peer's
+            // /health reported.
             if self.peers.len() >= proto::MAX_PEERS {
                 return Err("peer table full");
             }
@@ -616,9 +616,11 @@ mod tests {
     }
 
     #[test]
-    fn unknown_peer_leaving_is_dropped() {
+    fn first_beacon_may_be_a_goodbye_but_not_twice() {
         let mut g = ReplayGuard::default();
-        assert!(g.check(&signed(|b| b.state = "leaving".into())).is_err());
+        let leave = signed(|b| b.state = "leaving".into());
+        assert_eq!(g.check(&leave), Ok(Freshness::First));
+        assert!(g.check(&leave).is_err(), "replayed");
     }
 
     #[test]

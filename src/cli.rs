@@ -423,6 +423,9 @@ fn status(cfg: &Config) -> i32 {
                 .join(", ")
         });
         println!("  components {}", comps.unwrap_or_default());
+        if let Some(a) = h["reachableAddress"].as_str() {
+            println!("  reachable  {a} (as peers see this server)");
+        }
         println!(
             "  peers      {} known, {} connected, {} healthy",
             s(&st["total_peers"]),
@@ -451,27 +454,39 @@ fn peers(cfg: &Config, json: bool) -> i32 {
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             return Ok(0);
         }
-        let rows: Vec<[String; 6]> = v["peers"]
+        let rows: Vec<[String; 8]> = v["peers"]
             .as_array()
             .into_iter()
             .flatten()
             .map(|p| {
+                let healthy = if p["healthy"] == Value::Bool(true) {
+                    "yes"
+                } else {
+                    "no"
+                };
                 [
                     s(&p["name"]),
                     format!("{}:{}", s(&p["address"]), s(&p["port"])),
                     s(&p["status"]),
-                    if p["healthy"] == Value::Bool(true) {
-                        "yes".into()
-                    } else {
-                        "no".into()
-                    },
+                    healthy.to_string(),
+                    s(&p["source"]),
                     ago(&p["lastSeen"]),
+                    format!("{}/{}", s(&p["successCount"]), s(&p["failureCount"])),
                     util::short(&s(&p["installId"])).to_string(),
                 ]
             })
             .collect();
         print_table(
-            &["NAME", "ADDRESS", "STATUS", "HEALTHY", "LAST SEEN", "ID"],
+            &[
+                "NAME",
+                "ADDRESS",
+                "STATUS",
+                "HEALTHY",
+                "SOURCE",
+                "LAST SEEN",
+                "OK/FAIL",
+                "ID",
+            ],
             &rows,
         );
         Ok(0)

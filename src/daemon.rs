@@ -13,8 +13,9 @@ use crate::config::{Config, Raw};
 use crate::credentials::{self, Keys};
 use crate::http::{self, AuthLimiter, HttpCtx};
 use crate::peer::PeerCtx;
-use crate::state::{Counters, Event, Reload, SharedKeys, State};
-use crate::{logging, store, tls, util};
+use crate::state::{Counters, Event, Parts, Reload, SharedKeys, State};
+use crate::worker::Worker;
+use crate::{known, logging, store, tls, util};
 
 /// Queue depth of the state owner's channel: deep enough for bursts, bounded so a
 /// flood slows its senders instead of growing memory.
@@ -129,15 +130,20 @@ fn start(cfg: Config, args: RunArgs) -> Result<(), String> {
     });
     let addr = http::start(&cfg, http_ctx)?;
 
-    let store_tx = {
-        let tx = tx.clone();
-        store::spawn_writer(&cfg.state_dir, move || {
-            let _ = tx.send(Event::Persisted);
-        })
-        .map_err(|e| format!("cannot start the store thread: {e}"))?
-    };
+    let store_tx =
+        store::spawn_writer().map_err(|e| format!("cannot start the store thread: {e}"))?;
+    // Probes of static peers (DNS, TLS) run here, never on the state thread.
+    let worker =
+        Worker::start("probe", 2, 64).map_err(|e| format!("cannot start the worker: {e}"))?;
+    let known = known::load(
+        &cfg.state_dir,
+        util::now_ms(),
+        cfg.timings.known_peers_max_age.as_millis() as u64,
+    );
     spawn_signals(tx.clone(), cfg.clone(), args, keys.clone())?;
     let peer_ctx = PeerCtx {
+        me_install_id: install_id.clone(),
+        me_port: cfg.port,
         state_dir: cfg.state_dir.clone(),
         keys: keys.clone(),
         timings: cfg.timings.clone(),
@@ -151,9 +157,18 @@ fn start(cfg: Config, args: RunArgs) -> Result<(), String> {
         util::short(&install_id),
         util::short(&me.session_id)
     );
-    let state = State::new(
-        me, cfg, keys, counters, peer_ctx, own_nodes, beacon, store_tx,
-    );
+    let state = State::new(Parts {
+        me,
+        cfg,
+        keys,
+        counters,
+        peer_ctx,
+        own_nodes,
+        known,
+        beacon,
+        store: store_tx,
+        worker,
+    });
     drop(tx);
     state.run(rx);
     log::info!("stopped");

@@ -263,6 +263,17 @@ fn handle(ctx: &HttpCtx, rq: Request) {
         }
         return error(ctx, rq, 401, "unauthorized");
     }
+    // A peer names itself: the state owner dials it back at this source address.
+    if let (Some(ip), Some((install_id, port))) = (
+        remote,
+        header(&rq, crate::peer::PEER_HEADER).and_then(crate::peer::parse_peer_header),
+    ) {
+        let _ = ctx.tx.send(Event::Inbound {
+            install_id,
+            address: ip,
+            port,
+        });
+    }
 
     let call = match (&method, segs.as_slice()) {
         (Method::Get, ["health"]) => Call::Health {
@@ -346,6 +357,7 @@ fn read_json(ctx: &HttpCtx, mut rq: Request) -> Result<(Request, Value), ()> {
 }
 
 fn call_state(ctx: &HttpCtx, rq: Request, call: Call) {
+    let is_health = matches!(call, Call::Health { .. });
     let (tx, rx) = crossbeam_channel::bounded(1);
     if ctx.tx.send(Event::Call { call, reply: tx }).is_err() {
         return error(ctx, rq, 503, "shutting down");
@@ -372,6 +384,11 @@ fn call_state(ctx: &HttpCtx, rq: Request, call: Call) {
                 (502, json!({ "error": msg }).to_string())
             });
             respond(ctx, rq, status, body)
+        }
+        Err(_) if is_health => {
+            let body = json!({"status": "degraded", "installId": ctx.install_id,
+                "components": {"listener": "ok", "state": "not answering"}});
+            respond(ctx, rq, 503, body.to_string())
         }
         Err(_) => error(ctx, rq, 503, "the state thread did not answer in time"),
     }

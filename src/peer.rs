@@ -8,7 +8,7 @@ use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde::Deserialize;
@@ -41,6 +41,9 @@ pub enum PeerCtl {
 /// What a peer thread needs, shared by all of them.
 #[derive(Clone)]
 pub struct PeerCtx {
+    /// Who we are, for `X-Krill-Peer`.
+    pub me_install_id: String,
+    pub me_port: u16,
     pub state_dir: PathBuf,
     pub keys: SharedKeys,
     pub timings: Timings,
@@ -228,45 +231,31 @@ impl PeerThread {
     }
 
     /// Fetches `/trust` over `agent` (whose verifier pins the first certificate it
-    /// sees), checks the proof and that it names the certificate the server presented,
-    /// and pins it on disk.
+    /// sees), checks it names the server that beaconed, and pins it on disk.
     fn trust(
         &mut self,
         agent: &ureq::Agent,
         verifier: &Verifier,
         trust_key: &[u8],
     ) -> Result<(), End> {
-        #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct TrustBody {
-            install_id: String,
-            cert_pem: String,
-            proof: String,
-        }
-        let body = get(agent, &format!("https://{}/trust", self.target), None, None)
+        let url = format!("https://{}/trust", self.target);
+        let body = get(agent, &url, &[])
             .and_then(|(_, r)| read_small(r))
             .map_err(failed)?;
-        let tb: TrustBody = serde_json::from_str(&body)
-            .map_err(|e| failed(format!("/trust answer is not valid: {e}")))?;
-        if tb.install_id != self.install_id {
-            return Err(self.trust_error(format!(
-                "it answers as {}, not the server that beaconed",
-                short(&tb.install_id)
-            )));
-        }
-        let Some(der) = tls::pem_to_der(&tb.cert_pem) else {
-            return Err(self.trust_error("certPem holds no certificate".into()));
+        let t = match check_trust(&body, verifier, trust_key) {
+            Ok(t) => t,
+            Err(TrustError::Bad(msg)) => return Err(failed(msg)),
+            Err(TrustError::Refused(msg)) => return Err(self.trust_error(msg)),
         };
-        if verifier.seen().as_deref() != Some(der.as_slice()) {
-            return Err(self
-                .trust_error("certPem is not the certificate presented in the handshake".into()));
-        }
-        if !tls::check_proof(trust_key, &tb.install_id, &der, &tb.proof) {
-            return Err(self.trust_error("bad proof (another cluster PIN, or an impostor)".into()));
+        if t.install_id != self.install_id {
+            return Err(self.trust_error(format!(
+                "it answers as {}, not the server we know at this address",
+                short(&t.install_id)
+            )));
         }
         let dir = &self.ctx.state_dir;
         match tls::load_pin(dir, &self.install_id) {
-            Some(p) if p == der => {}
+            Some(p) if p == t.der => {}
             old => {
                 if old.is_some() {
                     log::warn!(
@@ -276,13 +265,38 @@ impl PeerThread {
                 } else {
                     log::info!("pinned the certificate of peer {}", self.label());
                 }
-                if let Err(e) = tls::save_pin(dir, &self.install_id, &tb.cert_pem) {
+                if let Err(e) = tls::save_pin(dir, &self.install_id, &t.cert_pem) {
                     log::error!("{e}");
                 }
             }
         }
         self.last_trust_error = None;
         Ok(())
+    }
+
+    /// Our identity for the peer (`X-Krill-Peer`), so it can dial us back at once.
+    fn whoami(&self) -> (&'static str, String) {
+        (
+            PEER_HEADER,
+            format!("{} {}", self.ctx.me_install_id, self.ctx.me_port),
+        )
+    }
+
+    /// Reads the peer's `/network/peers` and reports it (peer exchange).
+    fn exchange(&self, agent: &ureq::Agent, bearer: &str) {
+        let url = format!("https://{}/network/peers", self.target);
+        let auth = format!("Bearer {bearer}");
+        let r = get(agent, &url, &[("Authorization", auth), self.whoami()])
+            .and_then(|(_, r)| read_small_limited(r, EXCHANGE_BODY_LIMIT))
+            .and_then(|b| {
+                serde_json::from_str::<Exchange>(&b).map_err(|e| format!("bad /network/peers: {e}"))
+            });
+        match r {
+            Ok(x) => {
+                let _ = self.report(PeerReport::Exchange(x.peers));
+            }
+            Err(e) => log::debug!("peer exchange with {} failed: {e}", self.label()),
+        }
     }
 
     fn session(&mut self) -> End {
@@ -300,22 +314,30 @@ impl PeerThread {
             return e;
         }
         let base = format!("https://{}", self.target);
-        let health = match get(&agent, &format!("{base}/health"), Some(&keys.bearer), None)
-            .and_then(|(_, r)| read_small(r))
-            .and_then(|b| {
-                serde_json::from_str::<Health>(&b).map_err(|e| format!("bad /health: {e}"))
-            }) {
+        let auth = format!("Bearer {}", keys.bearer);
+        let health = match get(
+            &agent,
+            &format!("{base}/health"),
+            &[("Authorization", auth.clone()), self.whoami()],
+        )
+        .and_then(|(_, r)| read_small(r))
+        .and_then(|b| serde_json::from_str::<Health>(&b).map_err(|e| format!("bad /health: {e}")))
+        {
             Ok(h) => h,
             Err(e) => return failed(e),
         };
         if health.install_id != self.install_id {
             return failed(format!("/health names {}", short(&health.install_id)));
         }
-        let resume = self
+        let mut headers = vec![("Authorization", auth), self.whoami()];
+        if let Some(id) = self
             .last_event_id
             .as_deref()
-            .filter(|id| sse::parse_event_id(id).is_some_and(|(s, _)| s == health.session_id));
-        let resp = match get(&agent, &format!("{base}/sse"), Some(&keys.bearer), resume) {
+            .filter(|id| sse::parse_event_id(id).is_some_and(|(s, _)| s == health.session_id))
+        {
+            headers.push(("Last-Event-ID", id.to_string()));
+        }
+        let resp = match get(&agent, &format!("{base}/sse"), &headers) {
             Ok((200, r)) => r,
             Ok((status, _)) => return failed(format!("/sse answered {status}")),
             Err(e) => return failed(e),
@@ -323,6 +345,10 @@ impl PeerThread {
         if !self.report(PeerReport::Connected(health)) {
             return End::Stop;
         }
+        // Peer exchange: on connect, then every few minutes (on a second connection
+        // of the same client, so the stream keeps flowing).
+        self.exchange(&agent, &keys.bearer);
+        let mut next_exchange = Instant::now() + t.peer_exchange_interval;
         let mut reader = sse::Reader::new(resp.into_reader());
         let mut counted = 0;
         loop {
@@ -367,6 +393,10 @@ impl PeerThread {
                 }
                 Err(e) => return lost(format!("stream error: {e}")),
             };
+            if Instant::now() >= next_exchange {
+                self.exchange(&agent, &keys.bearer);
+                next_exchange = Instant::now() + t.peer_exchange_interval;
+            }
             let report = match ev.event.as_str() {
                 "snapshot" => {
                     #[derive(Deserialize)]
@@ -400,20 +430,127 @@ impl PeerThread {
     }
 }
 
-/// GET with an optional bearer and `Last-Event-ID`. Any HTTP status comes back as
-/// `Ok((status, response))`; 401 and 429 become errors that say what they mean.
+/// The header a peer thread sends on its authenticated requests: `<installId> <port>`.
+/// The receiver dials the sender back at the request's source address at once, as
+/// for a fresh beacon: the way across routers, and for servers without beacons.
+pub const PEER_HEADER: &str = "X-Krill-Peer";
+
+/// Most bytes read from a peer's `/network/peers` (256 peers fit easily).
+const EXCHANGE_BODY_LIMIT: u64 = 1024 * 1024;
+
+/// One row of a peer's `/network/peers`, as far as peer exchange needs it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExchangeEntry {
+    pub install_id: String,
+    pub address: String,
+    pub port: u16,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub status: String,
+}
+
+#[derive(Deserialize)]
+struct Exchange {
+    peers: Vec<ExchangeEntry>,
+}
+
+/// Parses `X-Krill-Peer: <installId> <port>`.
+pub fn parse_peer_header(v: &str) -> Option<(String, u16)> {
+    let (id, port) = v.trim().split_once(' ')?;
+    let port: u16 = port.trim().parse().ok().filter(|p| *p > 0)?;
+    util::is_uuid(id).then(|| (id.to_ascii_lowercase(), port))
+}
+
+/// A `/trust` answer that checked out.
+pub struct Trusted {
+    pub install_id: String,
+    pub cert_pem: String,
+    pub der: Vec<u8>,
+}
+
+pub enum TrustError {
+    /// Not a usable answer (not JSON, ...): an ordinary failed dial.
+    Bad(String),
+    /// A well-formed answer that must not be trusted: logged at error.
+    Refused(String),
+}
+
+/// Checks a `/trust` body: it names the certificate `verifier` saw in the handshake,
+/// and its proof is right for `trust_key`.
+pub fn check_trust(
+    body: &str,
+    verifier: &Verifier,
+    trust_key: &[u8],
+) -> Result<Trusted, TrustError> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct TrustBody {
+        install_id: String,
+        cert_pem: String,
+        proof: String,
+    }
+    let tb: TrustBody = serde_json::from_str(body)
+        .map_err(|e| TrustError::Bad(format!("/trust answer is not valid: {e}")))?;
+    let der = tls::pem_to_der(&tb.cert_pem)
+        .ok_or_else(|| TrustError::Refused("certPem holds no certificate".into()))?;
+    if verifier.seen().as_deref() != Some(der.as_slice()) {
+        return Err(TrustError::Refused(
+            "certPem is not the certificate presented in the handshake".into(),
+        ));
+    }
+    if !tls::check_proof(trust_key, &tb.install_id, &der, &tb.proof) {
+        return Err(TrustError::Refused(
+            "bad proof (another cluster PIN, or an impostor)".into(),
+        ));
+    }
+    Ok(Trusted {
+        install_id: tb.install_id.to_ascii_lowercase(),
+        cert_pem: tb.cert_pem,
+        der,
+    })
+}
+
+/// Identifies a static peer (`host:port`): resolves it and checks its `/trust`.
+/// Runs on a worker (DNS and TLS block). Returns its installId and address.
+pub fn probe(spec: &str, trust_key: &[u8], dial: Duration) -> Result<(String, SocketAddr), String> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<SocketAddr> = spec
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {spec}: {e}"))?
+        .collect();
+    let mut last = format!("{spec} resolves to no address");
+    for addr in addrs {
+        let verifier = Verifier::first_seen();
+        let agent = tls::agent(verifier.clone(), dial, dial.max(Duration::from_secs(3)));
+        let body = match get(&agent, &format!("https://{addr}/trust"), &[])
+            .and_then(|(_, r)| read_small(r))
+        {
+            Ok(b) => b,
+            Err(e) => {
+                last = format!("{addr}: {e}");
+                continue;
+            }
+        };
+        return match check_trust(&body, &verifier, trust_key) {
+            Ok(t) => Ok((t.install_id, addr)),
+            Err(TrustError::Bad(e) | TrustError::Refused(e)) => Err(format!("{addr}: {e}")),
+        };
+    }
+    Err(last)
+}
+
+/// A GET with extra headers. Any HTTP status comes back as `Ok((status,
+/// response))`; 401 and 429 become errors that say what they mean.
 pub fn get(
     agent: &ureq::Agent,
     url: &str,
-    bearer: Option<&str>,
-    last_event_id: Option<&str>,
+    headers: &[(&str, String)],
 ) -> Result<(u16, ureq::Response), String> {
     let mut req = agent.get(url);
-    if let Some(b) = bearer {
-        req = req.set("Authorization", &format!("Bearer {b}"));
-    }
-    if let Some(id) = last_event_id {
-        req = req.set("Last-Event-ID", id);
+    for (k, v) in headers {
+        req = req.set(k, v);
     }
     match req.call() {
         Ok(r) => Ok((r.status(), r)),
@@ -428,9 +565,13 @@ pub fn get(
 
 /// Reads a small body (at most 64 KiB).
 pub fn read_small(r: ureq::Response) -> Result<String, String> {
+    read_small_limited(r, SMALL_BODY_LIMIT)
+}
+
+fn read_small_limited(r: ureq::Response, limit: u64) -> Result<String, String> {
     let mut s = String::new();
     r.into_reader()
-        .take(SMALL_BODY_LIMIT)
+        .take(limit)
         .read_to_string(&mut s)
         .map_err(|e| format!("reading the answer: {e}"))?;
     Ok(s)
@@ -441,6 +582,23 @@ mod tests {
     use super::*;
 
     const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn peer_header() {
+        let id = "11111111-2222-4333-8444-555555555555";
+        assert_eq!(
+            parse_peer_header(&format!("{id} 8442")),
+            Some((id.to_string(), 8442))
+        );
+        assert_eq!(
+            parse_peer_header(&format!(" {} 1 ", id.to_uppercase())),
+            Some((id.to_string(), 1))
+        );
+        assert_eq!(parse_peer_header(&format!("{id} 0")), None);
+        assert_eq!(parse_peer_header(&format!("{id} 70000")), None);
+        assert_eq!(parse_peer_header("not-a-uuid 8442"), None);
+        assert_eq!(parse_peer_header(id), None);
+    }
 
     #[test]
     fn health_rules() {

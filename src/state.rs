@@ -4,7 +4,7 @@
 //! housekeeping) with `select!` over `at` channels: no timer threads.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -16,12 +16,14 @@ use serde_json::{Value, json};
 use crate::beacon::{self, Beacon, BeaconSender, Freshness, Me};
 use crate::config::Config;
 use crate::credentials::Keys;
+use crate::known::{self, Known, KnownPeer};
 use crate::node::{self, Node};
-use crate::peer::{self, PeerCtl, PeerCtx};
+use crate::peer::{self, ExchangeEntry, PeerCtl, PeerCtx};
 use crate::proto;
 use crate::sse::{self, Frame};
 use crate::store::{self, Job};
 use crate::util::{self, short};
+use crate::worker::Worker;
 
 /// The cluster keys, replaced on SIGHUP; `None` while no PIN is set.
 pub type SharedKeys = Arc<RwLock<Option<Keys>>>;
@@ -115,6 +117,8 @@ pub enum PeerReport {
         reason: String,
         was_connected: bool,
     },
+    /// The peer's `/network/peers` (peer exchange).
+    Exchange(Vec<ExchangeEntry>),
 }
 
 /// Settings SIGHUP can change without a restart.
@@ -144,6 +148,17 @@ pub enum Event {
         reply: Sender<SubReply>,
     },
     Unsubscribe(u64),
+    /// An authenticated request named its sender (`X-Krill-Peer`).
+    Inbound {
+        install_id: String,
+        address: IpAddr,
+        port: u16,
+    },
+    /// A static peer was probed (on the worker).
+    Probed {
+        spec: String,
+        result: Result<(String, SocketAddr), String>,
+    },
     Persisted,
     Reload(Box<Reload>),
     /// Graceful stop; the reply is sent once state is flushed.
@@ -196,6 +211,29 @@ struct Peer {
 }
 
 impl Peer {
+    fn new(install_id: &str, name: &str, address: IpAddr, port: u16, source: &'static str) -> Peer {
+        Peer {
+            install_id: install_id.to_string(),
+            session_id: String::new(),
+            name: name.to_string(),
+            model: String::new(),
+            version: String::new(),
+            os: String::new(),
+            platform: String::new(),
+            address,
+            port,
+            status: PeerStatus::Discovered,
+            source,
+            last_seen: util::now_ms(),
+            connected_since: None,
+            success_count: 0,
+            failure_count: 0,
+            last_success: None,
+            last_activity: Instant::now(),
+            thread: None,
+        }
+    }
+
     fn label(&self) -> String {
         format!(
             "{} ({}, {}:{})",
@@ -285,6 +323,39 @@ pub struct State {
     dirty: bool,
     persist_busy: bool,
     pending_acks: Vec<Ack>,
+    /// Static peers from the config, and what each was found to be.
+    statics: Vec<StaticPeer>,
+    /// `known_peers.json`, kept current and saved when it changes.
+    known: Known,
+    known_dirty: bool,
+    known_refreshed: Instant,
+    last_rebootstrap: Instant,
+    /// Our own address as peers see it (their `/health` `observedAddress`).
+    observed: Option<String>,
+    worker: Worker,
+}
+
+struct StaticPeer {
+    spec: String,
+    /// The installId it answered with, once probed.
+    identified: Option<String>,
+    probing: bool,
+    last_probe: Option<Instant>,
+    complained: bool,
+}
+
+/// Everything the state owner is made of.
+pub struct Parts {
+    pub me: Me,
+    pub cfg: Config,
+    pub keys: SharedKeys,
+    pub counters: Arc<Counters>,
+    pub peer_ctx: PeerCtx,
+    pub own_nodes: Vec<Node>,
+    pub known: Known,
+    pub beacon: Option<BeaconSender>,
+    pub store: Sender<Job>,
+    pub worker: Worker,
 }
 
 type Ack = store::Done;
@@ -299,18 +370,31 @@ fn ack_with(reply: Sender<Reply>, ok: Reply) -> Ack {
 }
 
 impl State {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        me: Me,
-        cfg: Config,
-        keys: SharedKeys,
-        counters: Arc<Counters>,
-        peer_ctx: PeerCtx,
-        own_nodes: Vec<Node>,
-        beacon: Option<BeaconSender>,
-        store: Sender<Job>,
-    ) -> State {
+    pub fn new(parts: Parts) -> State {
+        let Parts {
+            me,
+            cfg,
+            keys,
+            counters,
+            peer_ctx,
+            own_nodes,
+            known,
+            beacon,
+            store,
+            worker,
+        } = parts;
         let info = HostInfo::read();
+        let statics = cfg
+            .peers
+            .iter()
+            .map(|spec| StaticPeer {
+                spec: spec.clone(),
+                identified: None,
+                probing: false,
+                last_probe: None,
+                complained: false,
+            })
+            .collect();
         let mut s = State {
             me,
             cfg,
@@ -336,6 +420,13 @@ impl State {
             dirty: false,
             persist_busy: false,
             pending_acks: Vec::new(),
+            statics,
+            known,
+            known_dirty: false,
+            known_refreshed: Instant::now(),
+            last_rebootstrap: Instant::now(),
+            observed: None,
+            worker,
         };
         for mut n in own_nodes {
             if n.kind == node::SERVER || n.id == s.me.install_id {
@@ -368,6 +459,7 @@ impl State {
 
     /// Runs until shutdown.
     pub fn run(mut self, rx: Receiver<Event>) {
+        self.bootstrap();
         let housekeeping = crossbeam_channel::tick(Duration::from_secs(1));
         loop {
             let deadline = self.next_deadline();
@@ -428,6 +520,12 @@ impl State {
                 let _ = reply.send(r);
             }
             Event::Unsubscribe(id) => self.subs.retain(|s| s.id != id),
+            Event::Inbound {
+                install_id,
+                address,
+                port,
+            } => self.on_inbound(&install_id, address, port),
+            Event::Probed { spec, result } => self.on_probed(&spec, result),
             Event::Persisted => self.persist_busy = false,
             Event::Reload(r) => self.reload(*r),
             Event::Shutdown(_) => unreachable!("handled in run"),
@@ -474,6 +572,20 @@ impl State {
 
     fn on_beacon(&mut self, b: Beacon, from: IpAddr, fresh: Freshness) {
         if b.leaving() {
+            // A goodbye counts only for the session the peer runs now (the one its
+            // /health reported, or its beacons did).
+            let current = self
+                .peers
+                .get(&b.install_id)
+                .is_some_and(|p| p.session_id == b.session_id);
+            if !current {
+                self.counters.inc(&self.counters.beacons_rejected);
+                log::debug!(
+                    "dropped a leaving beacon of {} for a session that is not current",
+                    short(&b.install_id)
+                );
+                return;
+            }
             if let Some(p) = self.peers.get_mut(&b.install_id) {
                 if p.status != PeerStatus::Left {
                     log::info!("peer left: {}", p.label());
@@ -489,14 +601,7 @@ impl State {
             }
             return;
         }
-        if !self.peers.contains_key(&b.install_id) && self.peers.len() >= proto::MAX_PEERS {
-            if !self.peer_table_full_warned {
-                log::warn!(
-                    "peer table full ({} peers); ignoring new peers",
-                    proto::MAX_PEERS
-                );
-                self.peer_table_full_warned = true;
-            }
+        if !self.room_for(&b.install_id) {
             return;
         }
         let now_ms = util::now_ms();
@@ -507,26 +612,9 @@ impl State {
                 short(&b.install_id),
                 b.port
             );
-            Peer {
-                install_id: b.install_id.clone(),
-                session_id: b.session_id.clone(),
-                name: b.name.clone(),
-                model: String::new(),
-                version: String::new(),
-                os: String::new(),
-                platform: b.platform.clone(),
-                address: from,
-                port: b.port,
-                status: PeerStatus::Discovered,
-                source: "beacon",
-                last_seen: now_ms,
-                connected_since: None,
-                success_count: 0,
-                failure_count: 0,
-                last_success: None,
-                last_activity: Instant::now(),
-                thread: None,
-            }
+            let mut p = Peer::new(&b.install_id, &b.name, from, b.port, "beacon");
+            p.session_id = b.session_id.clone();
+            p
         });
         let moved = p.address != from || p.port != b.port;
         if moved && fresh != Freshness::First {
@@ -615,6 +703,10 @@ impl State {
                 }
             }
             PeerReport::Connected(h) => {
+                let observed = h
+                    .observed_address
+                    .clone()
+                    .filter(|o| o.parse::<IpAddr>().is_ok());
                 p.status = PeerStatus::Connected;
                 p.connected_since = Some(util::now_ms());
                 p.success_count += 1;
@@ -628,9 +720,27 @@ impl State {
                 p.os = h.os;
                 p.platform = h.platform;
                 log::info!("peer connected: {}", p.label());
+                self.known.insert(
+                    install_id.to_string(),
+                    KnownPeer {
+                        install_id: install_id.to_string(),
+                        address: p.address,
+                        port: p.port,
+                        name: p.name.clone(),
+                        last_seen: util::now_ms(),
+                        success_count: p.success_count,
+                        failure_count: p.failure_count,
+                    },
+                );
+                self.known_dirty = true;
+                if let Some(obs) = observed.filter(|o| self.observed.as_ref() != Some(o)) {
+                    log::info!("peers see this server at {obs}");
+                    self.observed = Some(obs);
+                }
                 self.set_stale(install_id, false);
             }
             PeerReport::Snapshot(nodes) => self.apply_snapshot(install_id, nodes),
+            PeerReport::Exchange(entries) => self.on_exchange(install_id, entries),
             PeerReport::Node(n) => {
                 if n.host == install_id && node::valid_id(&n.id) {
                     self.upsert_mirror(n);
@@ -918,6 +1028,7 @@ impl State {
             "name": self.me.name, "port": self.me.port, "model": self.info.model,
             "version": proto::VERSION, "os": self.info.os, "platform": proto::PLATFORM,
             "uptime": self.started.elapsed().as_secs(), "observedAddress": observed,
+            "reachableAddress": self.observed,
             "components": {"beacon": beacon, "listener": "ok", "state": "ok"},
             "peers": {"known": self.peers.len(), "connected": connected},
         });
@@ -1063,11 +1174,16 @@ impl State {
             return;
         }
         let data = store::encode_nodes(self.own.values().filter(|n| n.kind != node::SERVER));
-        let done = std::mem::take(&mut self.pending_acks);
+        let mut done = std::mem::take(&mut self.pending_acks);
+        let tx = self.peer_ctx.tx.clone();
+        done.push(Box::new(move |_| {
+            let _ = tx.send(Event::Persisted);
+        }));
         self.dirty = false;
         self.persist_busy = true;
+        let path = self.cfg.state_dir.join(proto::NODES_FILE);
         if let Err(e) = self.store.send(Job {
-            data: Some(data),
+            write: Some((path, data)),
             done,
         }) {
             log::error!("the store thread is gone: cannot persist nodes");
@@ -1081,10 +1197,19 @@ impl State {
 
     fn housekeeping(&mut self) {
         let ttl = self.cfg.timings.peer_ttl;
+        let listed: HashSet<String> = self
+            .statics
+            .iter()
+            .filter_map(|s| s.identified.clone())
+            .collect();
         let expired: Vec<String> = self
             .peers
             .values()
-            .filter(|p| p.status != PeerStatus::Connected && p.last_activity.elapsed() > ttl)
+            .filter(|p| {
+                p.status != PeerStatus::Connected
+                    && p.last_activity.elapsed() > ttl
+                    && !listed.contains(&p.install_id)
+            })
             .map(|p| p.install_id.clone())
             .collect();
         for id in expired {
@@ -1105,6 +1230,218 @@ impl State {
                 }
             }
         }
+        let every = self.cfg.timings.rebootstrap_interval;
+        // Static peers never identified yet are probed again now and then.
+        for i in 0..self.statics.len() {
+            let st = &self.statics[i];
+            if st.identified.is_none()
+                && !st.probing
+                && st.last_probe.is_none_or(|t| t.elapsed() >= every)
+            {
+                self.probe_static(i);
+            }
+        }
+        let connected = self
+            .peers
+            .values()
+            .any(|p| p.status == PeerStatus::Connected);
+        if !connected && self.last_rebootstrap.elapsed() >= every {
+            self.last_rebootstrap = Instant::now();
+            if !self.statics.is_empty() || !self.known.is_empty() {
+                log::info!("no connected peers: dialling static and known peers again");
+                self.bootstrap();
+            }
+        }
+        // Connected peers stay fresh in known_peers.json (it drops entries after 24 h).
+        if self.known_refreshed.elapsed() >= Duration::from_secs(60) {
+            self.known_refreshed = Instant::now();
+            let now = util::now_ms();
+            for p in self
+                .peers
+                .values()
+                .filter(|p| p.status == PeerStatus::Connected)
+            {
+                if let Some(k) = self.known.get_mut(&p.install_id) {
+                    k.last_seen = now;
+                    k.address = p.address;
+                    k.port = p.port;
+                    k.success_count = p.success_count;
+                    k.failure_count = p.failure_count;
+                    self.known_dirty = true;
+                }
+            }
+            let max_age = self.cfg.timings.known_peers_max_age.as_millis() as u64;
+            if known::prune(&mut self.known, now, max_age) > 0 {
+                self.known_dirty = true;
+            }
+        }
+        self.save_known();
+    }
+
+    /// Writes `known_peers.json` if it changed (on the store thread).
+    fn save_known(&mut self) {
+        if !self.known_dirty {
+            return;
+        }
+        self.known_dirty = false;
+        let path = self.cfg.state_dir.join(proto::KNOWN_PEERS_FILE);
+        let _ = self.store.send(Job {
+            write: Some((path, known::encode(&self.known))),
+            done: Vec::new(),
+        });
+    }
+
+    // ---- static peers, known peers, exchange ---------------------------------
+
+    /// Dials every static and known peer (at start, and with no peer connected).
+    fn bootstrap(&mut self) {
+        for i in 0..self.statics.len() {
+            match self.statics[i].identified.clone() {
+                Some(id) if self.peers.contains_key(&id) => self.dial(&id),
+                _ if !self.statics[i].probing => self.probe_static(i),
+                _ => {}
+            }
+        }
+        let known: Vec<KnownPeer> = self.known.values().cloned().collect();
+        for k in known {
+            if k.install_id == self.me.install_id || !self.room_for(&k.install_id) {
+                continue;
+            }
+            self.peers
+                .entry(k.install_id.clone())
+                .or_insert_with(|| Peer::new(&k.install_id, &k.name, k.address, k.port, "known"));
+            self.dial(&k.install_id);
+        }
+    }
+
+    fn probe_static(&mut self, i: usize) {
+        let Some(keys) = self.keys.read().clone() else {
+            return;
+        };
+        let st = &mut self.statics[i];
+        st.probing = true;
+        st.last_probe = Some(Instant::now());
+        let (spec, tx, dial) = (
+            st.spec.clone(),
+            self.peer_ctx.tx.clone(),
+            self.cfg.timings.dial_timeout,
+        );
+        let submitted = self.worker.submit(move || {
+            let result = peer::probe(&spec, &keys.trust_key, dial);
+            let _ = tx.send(Event::Probed { spec, result });
+        });
+        if !submitted {
+            self.statics[i].probing = false;
+        }
+    }
+
+    fn on_probed(&mut self, spec: &str, result: Result<(String, SocketAddr), String>) {
+        let Some(i) = self.statics.iter().position(|s| s.spec == spec) else {
+            return;
+        };
+        self.statics[i].probing = false;
+        let (id, addr) = match result {
+            Ok(x) => x,
+            Err(e) => {
+                let st = &mut self.statics[i];
+                if !st.complained {
+                    log::warn!("static peer {spec} is not reachable yet: {e}");
+                    st.complained = true;
+                } else {
+                    log::debug!("static peer {spec}: {e}");
+                }
+                return;
+            }
+        };
+        self.statics[i].identified = Some(id.clone());
+        self.statics[i].complained = false;
+        if id == self.me.install_id {
+            log::debug!("static peer {spec} is this server");
+            return;
+        }
+        if !self.room_for(&id) {
+            return;
+        }
+        let p = self.peers.entry(id.clone()).or_insert_with(|| {
+            log::info!("static peer {spec} is {} at {addr}", short(&id));
+            Peer::new(&id, spec, addr.ip(), addr.port(), "static")
+        });
+        p.source = "static";
+        if p.status != PeerStatus::Connected {
+            p.address = addr.ip();
+            p.port = addr.port();
+        }
+        self.dial(&id);
+    }
+
+    /// A peer named itself on a request to us: dial it back, as for a fresh beacon.
+    fn on_inbound(&mut self, id: &str, address: IpAddr, port: u16) {
+        if id == self.me.install_id || !self.room_for(id) {
+            return;
+        }
+        let p = self.peers.entry(id.to_string()).or_insert_with(|| {
+            log::info!(
+                "learned peer {} from its connection from {address}:{port}",
+                short(id)
+            );
+            Peer::new(id, "", address, port, "exchange")
+        });
+        p.last_activity = Instant::now();
+        p.last_seen = util::now_ms();
+        if p.status == PeerStatus::Connected {
+            return;
+        }
+        if p.address != address || p.port != port {
+            log::info!("peer {} is now at {address}:{port}", p.label());
+            p.address = address;
+            p.port = port;
+        }
+        p.status = PeerStatus::Connecting;
+        self.dial(id);
+    }
+
+    /// Dials the peers a peer is connected to that we do not know yet.
+    fn on_exchange(&mut self, from: &str, entries: Vec<ExchangeEntry>) {
+        for e in entries {
+            if e.status != "connected"
+                || e.install_id == self.me.install_id
+                || !util::is_uuid(&e.install_id)
+                || self.peers.contains_key(&e.install_id)
+            {
+                continue;
+            }
+            let Ok(address) = e.address.parse::<IpAddr>() else {
+                continue;
+            };
+            if e.port == 0 || !self.room_for(&e.install_id) {
+                continue;
+            }
+            log::info!(
+                "learned peer {} ({}, {address}:{}) from peer {}",
+                e.name,
+                short(&e.install_id),
+                e.port,
+                short(from)
+            );
+            let p = Peer::new(&e.install_id, &e.name, address, e.port, "exchange");
+            self.peers.insert(e.install_id.clone(), p);
+            self.dial(&e.install_id);
+        }
+    }
+
+    /// Whether `id` is in the table or there is room for it (256 peers at most).
+    fn room_for(&mut self, id: &str) -> bool {
+        if self.peers.contains_key(id) || self.peers.len() < proto::MAX_PEERS {
+            return true;
+        }
+        if !self.peer_table_full_warned {
+            log::warn!(
+                "peer table full ({} peers); ignoring new peers",
+                proto::MAX_PEERS
+            );
+            self.peer_table_full_warned = true;
+        }
+        false
     }
 
     fn reload(&mut self, r: Reload) {
@@ -1162,8 +1499,9 @@ impl State {
             self.persist_busy = false;
             self.maybe_persist();
         }
+        self.save_known();
         let _ = self.store.send(Job {
-            data: None,
+            write: None,
             done: vec![Box::new(move |_| {
                 let _ = tx.send(());
             })],

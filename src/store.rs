@@ -83,28 +83,23 @@ pub fn encode_nodes<'a>(nodes: impl Iterator<Item = &'a Node>) -> Vec<u8> {
 /// Called once a write is durable (`Ok`) or failed (the error text).
 pub type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
 
-/// One write: the whole file (`None`: write nothing, just report when all earlier
-/// jobs are done), and what to do once it is durable.
+/// One write: a whole file atomically (`None`: write nothing, just report when
+/// every earlier job is done), then what to do once it is durable.
 pub struct Job {
-    pub data: Option<Vec<u8>>,
-    /// Called with `Ok` after fsync, or the error text.
+    pub write: Option<(PathBuf, Vec<u8>)>,
     pub done: Vec<Done>,
 }
 
-/// Starts the writer thread; `on_written` runs after each job (tells the state owner).
-pub fn spawn_writer(
-    state_dir: &Path,
-    on_written: impl Fn() + Send + 'static,
-) -> io::Result<Sender<Job>> {
-    let path: PathBuf = state_dir.join(proto::NODES_FILE);
+/// Starts the writer thread.
+pub fn spawn_writer() -> io::Result<Sender<Job>> {
     let (tx, rx) = crossbeam_channel::unbounded::<Job>();
     std::thread::Builder::new()
         .name("store".into())
         .stack_size(256 * 1024)
         .spawn(move || {
             for job in rx {
-                let r = match &job.data {
-                    Some(data) => util::write_atomic(&path, data, 0o640)
+                let r = match &job.write {
+                    Some((path, data)) => util::write_atomic(path, data, 0o640)
                         .map_err(|e| format!("cannot write {}: {e}", path.display())),
                     None => Ok(()),
                 };
@@ -114,7 +109,6 @@ pub fn spawn_writer(
                 for d in job.done {
                     d(r.clone());
                 }
-                on_written();
             }
         })?;
     Ok(tx)
@@ -157,9 +151,9 @@ mod tests {
             version: 2,
         };
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-        let w = spawn_writer(&d, || {}).unwrap();
+        let w = spawn_writer().unwrap();
         w.send(Job {
-            data: Some(encode_nodes([&n].into_iter())),
+            write: Some((d.join("nodes.json"), encode_nodes([&n].into_iter()))),
             done: vec![Box::new(move |r| done_tx.send(r).unwrap())],
         })
         .unwrap();
