@@ -457,3 +457,158 @@ fn lab_7_another_pin_on_the_bridge_is_never_connected() {
         assert!(st["beacons_rejected"].as_u64().unwrap() > 0);
     }
 }
+
+// ---- issue 4: peer management across subnets, without beacons, and TTL ----
+
+#[test]
+fn lab_8_a_far_subnet_joins_through_one_static_peer() {
+    // Hosts 1-4 on 10.77.0.0/24; hosts 7 and 8 on 10.77.1.0/24 behind the hub, which
+    // routes unicast but not multicast. Host 7 is given one static peer (host 1);
+    // host 8 nothing at all. Peer exchange and dial-back must do the rest.
+    let Some(mut lab) = Lab::up("lab_8", "kl8", &["4"]) else {
+        return;
+    };
+    formed(
+        &mut lab,
+        &[1, 2, 3, 4],
+        3 * S,
+        "near subnet before the far one",
+    );
+    let t0 = Instant::now();
+    lab.sh(&["far", "7", "--conf", r#"peers = ["10.77.0.11:8442"]"#]);
+    lab.sh(&["far", "8"]);
+    let all = [1, 2, 3, 4, 7, 8];
+    let t = lab.wait(10 * S, |l| l.full_mesh(&all));
+    assert!(
+        t.is_some(),
+        "no full mesh across the router within 10 s:\n{}",
+        lab.logs(&all)
+    );
+    measured(
+        "lab: far subnet, one static peer: full mesh of both subnets",
+        t0.elapsed(),
+    );
+    assert_eq!(lab.view(7, 1).0, "connected");
+    let sources: Vec<String> = lab
+        .peers(7)
+        .iter()
+        .map(|p| p["source"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(sources.contains(&"static".to_string()), "{sources:?}");
+    // Values flow both ways across the router.
+    lab.put_point(8, "far", json!(8));
+    lab.put_point(2, "near", json!(2));
+    let t = lab.wait(S, |l| {
+        l.value_of(1, "far") == json!(8) && l.value_of(7, "near") == json!(2)
+    });
+    assert!(t.is_some(), "values cross the router both ways");
+}
+
+#[test]
+fn lab_9_without_beacons_a_restart_reconnects_from_known_peers() {
+    let off = "beacons = false";
+    let Some(mut lab) = Lab::up("lab_9", "kl9", &["1", "--conf", off]) else {
+        return;
+    };
+    for i in ["2", "3", "4"] {
+        lab.sh(&[
+            "add",
+            i,
+            "--conf",
+            off,
+            "--conf",
+            r#"peers = ["10.77.0.11:8442"]"#,
+        ]);
+    }
+    formed(
+        &mut lab,
+        &[1, 2, 3, 4],
+        10 * S,
+        "no beacons: mesh from one static peer",
+    );
+    // Host 3 has saved every peer it was connected to.
+    let ids: Vec<String> = [1, 2, 4].iter().map(|&i| lab.install_id(i)).collect();
+    let t = lab.wait(10 * S, |l| {
+        let k = l.file(3, "state/known_peers.json");
+        ids.iter().all(|id| k.contains(id.as_str()))
+    });
+    assert!(
+        t.is_some(),
+        "known_peers.json of host 3: {}",
+        lab.file(3, "state/known_peers.json")
+    );
+    // Restart it with no static peer at all: only known_peers.json can bring it back.
+    lab.sh(&["kill", "3", "TERM"]);
+    let cfg = lab.dir.join("3/krill.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with("peers")).collect();
+    std::fs::write(&cfg, kept.join("\n")).unwrap();
+    let stopped = lab.wait(3 * S, |l| l.call(3, "GET", "/livez", None).is_none());
+    assert!(stopped.is_some(), "host 3 stopped");
+    let t0 = Instant::now();
+    lab.sh(&["start", "3"]);
+    let t = lab.wait(3 * S, |l| l.full_mesh(&[1, 2, 3, 4]));
+    assert!(
+        t.is_some(),
+        "restart without beacons: not back within 3 s:\n{}",
+        lab.logs(&[3])
+    );
+    measured(
+        "lab: no beacons: restart reconnects from known_peers.json",
+        t0.elapsed(),
+    );
+    let sources: Vec<String> = lab
+        .peers(3)
+        .iter()
+        .map(|p| p["source"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        sources,
+        vec!["known"; 3],
+        "all three came from known_peers.json"
+    );
+}
+
+#[test]
+fn lab_10_a_vanished_peer_leaves_after_the_ttl_and_returns_as_new() {
+    let Some(mut lab) = Lab::up("lab_10", "kl10", &["3", "--conf", "peer_ttl_s = 3"]) else {
+        return;
+    };
+    formed(&mut lab, &[1, 2, 3], 3 * S, "mesh before the vanishing");
+    let id3 = lab.install_id(3);
+    assert!(
+        lab.peers(1)
+            .iter()
+            .any(|p| p["installId"] == id3.as_str() && p["successCount"] == 1)
+    );
+    let t0 = Instant::now();
+    lab.sh(&["kill", "3", "KILL"]);
+    let t = lab.wait(8 * S, |l| {
+        [1, 2]
+            .iter()
+            .all(|&i| l.peers(i).iter().all(|p| p["installId"] != id3.as_str()))
+    });
+    assert!(
+        t.is_some(),
+        "host 3 still in the table after peer_ttl_s = 3"
+    );
+    measured(
+        "lab: peer_ttl_s = 3: vanished peer left the table",
+        t0.elapsed(),
+    );
+    assert!(lab.log(1).contains("forgetting peer"), "{}", lab.log(1));
+    lab.sh(&["start", "3"]);
+    formed(
+        &mut lab,
+        &[1, 2, 3],
+        3 * S,
+        "returned peer: full mesh again",
+    );
+    let p = lab
+        .peers(1)
+        .into_iter()
+        .find(|p| p["installId"] == id3.as_str())
+        .unwrap();
+    assert_eq!(p["successCount"], 1, "a new entry, not the old one: {p}");
+    assert_eq!(p["failureCount"], 0, "{p}");
+}
