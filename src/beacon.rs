@@ -321,7 +321,7 @@ impl BeaconSender {
             Some(i) => i.parse::<Ipv4Addr>().ok().or_else(|| iface_addr(i)),
             None => route_iface(self.group).and_then(|n| iface_addr(&n)),
         };
-        if found == self.current {
+        if found.is_some() && found == self.current {
             return;
         }
         if let Some(old) = self.current.take() {

@@ -217,6 +217,24 @@ fn client_commands_talk_to_the_local_daemon() {
         text.starts_with("NAME") && text.contains("beta") && text.contains("connected"),
         "{text}"
     );
+    let healthy = a.get("/network/peers?healthy=true");
+    assert_eq!(healthy["peers"].as_array().unwrap().len(), 1);
+    let st = a.stats();
+    for field in [
+        "total_peers",
+        "healthy_peers",
+        "connected_peers",
+        "data_sent",
+        "data_received",
+        "uptime",
+        "beacons_sent",
+        "beacons_received",
+        "beacons_rejected",
+    ] {
+        assert!(st[field].is_u64(), "/network/stats has {field}: {st}");
+    }
+    assert_eq!(st["connected_peers"], 1);
+    assert!(st["data_sent"].as_u64().unwrap() > 0 && st["data_received"].as_u64().unwrap() > 0);
     let out = a.cli(&["peers", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["peers"][0]["name"], "beta");
@@ -271,4 +289,28 @@ fn under_systemd_lines_carry_a_priority_and_no_timestamp() {
         assert!(!line.contains("Z INFO"), "no timestamp of its own: {line}");
     }
     assert!(text.contains("<6>krill 0.1.0 started"), "{text}");
+}
+
+#[test]
+fn health_is_degraded_with_503_when_beacons_have_no_interface() {
+    let root = TempDir::new("degraded");
+    let mut d = Daemon::new(&root.0, "a", "1234", free_udp_port(), "");
+    // Point beacons at an interface that does not exist.
+    let cfg = std::fs::read_to_string(&d.config).unwrap().replace(
+        "beacon_interface = \"127.0.0.1\"",
+        "beacon_interface = \"nosuchif0\"",
+    );
+    std::fs::write(&d.config, cfg).unwrap();
+    d.start();
+    let (s, h) = d.call("GET", "/health", None);
+    assert_eq!(s, 503, "{h}");
+    assert_eq!(h["status"], "degraded");
+    assert_eq!(h["components"]["beacon"], "no interface");
+    assert_eq!(h["components"]["listener"], "ok");
+    assert_eq!(
+        d.request_as("GET", "/livez", None, None).0,
+        200,
+        "livez stays up"
+    );
+    assert!(d.log().contains("no network interface for beacons"));
 }

@@ -249,3 +249,38 @@ fn a_silent_peer_is_noticed_by_the_read_timeout_and_returns() {
     assert!(t.is_some(), "back after SIGCONT");
     measured("after SIGCONT: connected again", t0.elapsed());
 }
+
+#[test]
+fn with_no_peer_connected_known_peers_are_dialled_again() {
+    // b says goodbye (a stops dialling it), then comes back without beacons and
+    // without knowing a. Only a's re-bootstrap (every 30 s with no peer connected)
+    // can bring them together again.
+    let root = TempDir::new("reboot");
+    let bp = free_udp_port();
+    let mut ds = cluster(&root.0, &["a", "b"], "1234", bp);
+    assert!(wait_until(Duration::from_secs(3), || full_mesh(&[&ds[0], &ds[1]])).is_some());
+    let bid = ds[1].install_id();
+    let saved = wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(ds[0].dir.join("state/known_peers.json"))
+            .is_ok_and(|k| k.contains(&bid))
+    });
+    assert!(saved.is_some(), "a saved b in known_peers.json");
+    ds[1].term();
+    assert!(wait_until(Duration::from_secs(1), || ds[0].peer_status(&bid) == "left").is_some());
+    std::fs::remove_file(ds[1].dir.join("state/known_peers.json")).unwrap();
+    let cfg = std::fs::read_to_string(&ds[1].config).unwrap() + "beacons = false\n";
+    std::fs::write(&ds[1].config, cfg).unwrap();
+    let t0 = Instant::now();
+    ds[1].start();
+    let t = wait_until(Duration::from_secs(35), || full_mesh(&[&ds[0], &ds[1]]));
+    assert!(t.is_some(), "re-bootstrap did not bring b back within 35 s");
+    measured(
+        "re-bootstrap (30 s period) reconnected a departed known peer",
+        t0.elapsed(),
+    );
+    assert!(
+        ds[0]
+            .log()
+            .contains("no connected peers: dialling static and known peers again")
+    );
+}
