@@ -132,9 +132,13 @@ fn start(cfg: Config, args: RunArgs) -> Result<(), String> {
 
     let store_tx =
         store::spawn_writer().map_err(|e| format!("cannot start the store thread: {e}"))?;
-    // Probes of static peers (DNS, TLS) run here, never on the state thread.
+    // Blocking outbound work (static-peer probes, automation's writes to other
+    // servers) runs here; webhooks get a pool of their own, so a dead target only
+    // fills its own queue.
     let worker =
-        Worker::start("probe", 2, 64).map_err(|e| format!("cannot start the worker: {e}"))?;
+        Worker::start("outbound", 2, 256).map_err(|e| format!("cannot start the worker: {e}"))?;
+    let webhooks = Worker::start("webhook", 2, 64)
+        .map_err(|e| format!("cannot start the webhook worker: {e}"))?;
     let known = known::load(
         &cfg.state_dir,
         util::now_ms(),
@@ -168,6 +172,7 @@ fn start(cfg: Config, args: RunArgs) -> Result<(), String> {
         beacon,
         store: store_tx,
         worker,
+        webhooks,
     });
     drop(tx);
     state.run(rx);

@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::proto;
 use crate::sse;
 use crate::state::{Call, Counters, Event, Reply, SharedKeys, SubReply};
-use crate::tls::{self, Identity, Verifier};
+use crate::tls::{self, Identity};
 use crate::util::{self, short};
 
 /// How long a worker waits for the state owner before answering 503.
@@ -304,12 +304,32 @@ fn handle(ctx: &HttpCtx, rq: Request) {
                 Ok(x) => x,
                 Err(()) => return,
             };
+            let hops = hops_of(&body);
             match crate::node::parse_value_body(&body) {
-                Ok(value) => return call_state(ctx, rq, Call::SetValue { id, value }),
+                Ok(value) => return call_state(ctx, rq, Call::SetValue { id, value, hops }),
                 Err(e) => return error(ctx, rq, 400, &e),
             }
         }
-        (Method::Post, ["nodes", id, "invoke"]) => Call::Invoke { id: id.to_string() },
+        (Method::Post, ["nodes", id, "invoke"]) => {
+            let id = id.to_string();
+            // The body is optional: {"hops": n, "invoker": {...}} when a peer asks.
+            let (rq, body) = match read_json_or_empty(ctx, rq) {
+                Ok(x) => x,
+                Err(()) => return,
+            };
+            let invoker = body
+                .get("invoker")
+                .and_then(|v| serde_json::from_value(v.clone()).ok());
+            return call_state(
+                ctx,
+                rq,
+                Call::Invoke {
+                    id,
+                    hops: hops_of(&body),
+                    invoker,
+                },
+            );
+        }
         (Method::Get, ["network", "peers"]) => Call::Peers {
             healthy_only: query_param(query, "healthy").as_deref() == Some("true"),
         },
@@ -326,8 +346,26 @@ fn handle(ctx: &HttpCtx, rq: Request) {
     call_state(ctx, rq, call);
 }
 
+/// The automation hop count a peer passed along (0 from a person or client).
+fn hops_of(body: &Value) -> u32 {
+    body.get("hops").and_then(Value::as_u64).map_or(0, |h| {
+        h.min(u64::from(crate::automation::MAX_HOPS) + 1) as u32
+    })
+}
+
 /// Reads a JSON body of at most 1 MiB; answers 413 or 400 itself on failure.
-fn read_json(ctx: &HttpCtx, mut rq: Request) -> Result<(Request, Value), ()> {
+fn read_json(ctx: &HttpCtx, rq: Request) -> Result<(Request, Value), ()> {
+    match read_json_or_empty(ctx, rq)? {
+        (rq, Value::Null) => {
+            error(ctx, rq, 400, "body is not JSON: it is empty");
+            Err(())
+        }
+        x => Ok(x),
+    }
+}
+
+/// Like [`read_json`], but an empty body is `Null`.
+fn read_json_or_empty(ctx: &HttpCtx, mut rq: Request) -> Result<(Request, Value), ()> {
     if rq.body_length().is_some_and(|n| n > proto::MAX_BODY_BYTES) {
         error(ctx, rq, 413, "body over 1 MiB");
         return Err(());
@@ -346,6 +384,9 @@ fn read_json(ctx: &HttpCtx, mut rq: Request) -> Result<(Request, Value), ()> {
     if data.len() > proto::MAX_BODY_BYTES {
         error(ctx, rq, 413, "body over 1 MiB");
         return Err(());
+    }
+    if data.iter().all(u8::is_ascii_whitespace) {
+        return Ok((rq, Value::Null));
     }
     match serde_json::from_slice(&data) {
         Ok(v) => Ok((rq, v)),
@@ -402,25 +443,16 @@ fn forward(
     path: &str,
     body: &str,
 ) -> Result<(u16, String), String> {
-    let der = tls::load_pin(&ctx.state_dir, install_id).ok_or("no pinned certificate")?;
     let keys = ctx.keys.read().clone().ok_or("no cluster PIN set")?;
-    let agent = tls::agent(
-        Verifier::pinned(der),
+    crate::peer::post_pinned(
+        &ctx.state_dir,
+        install_id,
+        to,
+        path,
+        body,
+        &keys.bearer,
         ctx.dial_timeout,
-        Duration::from_secs(5),
-    );
-    let r = agent
-        .post(&format!("https://{to}{path}"))
-        .set("Authorization", &format!("Bearer {}", keys.bearer))
-        .set("Content-Type", "application/json")
-        .send_string(body);
-    let resp = match r {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(ureq::Error::Transport(t)) => return Err(t.to_string()),
-    };
-    let status = resp.status();
-    Ok((status, crate::peer::read_small(resp)?))
+    )
 }
 
 fn subscribe(ctx: &HttpCtx, rq: Request, all: bool) {

@@ -1,6 +1,7 @@
 //! krill: a small daemon that turns a handful of servers on one network into a
 //! self-organising mesh. See `docs/protocol.md` and the README.
 
+pub mod automation;
 pub mod beacon;
 pub mod cli;
 pub mod config;

@@ -541,6 +541,33 @@ pub fn probe(spec: &str, trust_key: &[u8], dial: Duration) -> Result<(String, So
     Err(last)
 }
 
+/// POSTs `body` to `path` on the server `install_id` at `to`, over its pinned
+/// certificate, with the bearer. The status and the body (at most 64 KiB).
+pub fn post_pinned(
+    state_dir: &std::path::Path,
+    install_id: &str,
+    to: SocketAddr,
+    path: &str,
+    body: &str,
+    bearer: &str,
+    dial: Duration,
+) -> Result<(u16, String), String> {
+    let der = tls::load_pin(state_dir, install_id).ok_or("no pinned certificate")?;
+    let agent = tls::agent(Verifier::pinned(der), dial, Duration::from_secs(5));
+    let r = agent
+        .post(&format!("https://{to}{path}"))
+        .set("Authorization", &format!("Bearer {bearer}"))
+        .set("Content-Type", "application/json")
+        .send_string(body);
+    let resp = match r {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(ureq::Error::Transport(t)) => return Err(t.to_string()),
+    };
+    let status = resp.status();
+    Ok((status, read_small(resp)?))
+}
+
 /// A GET with extra headers. Any HTTP status comes back as `Ok((status,
 /// response))`; 401 and 429 become errors that say what they mean.
 pub fn get(

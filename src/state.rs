@@ -3,7 +3,7 @@
 //! channel when it needs an answer). It also runs the timers (beacons, peer
 //! housekeeping) with `select!` over `at` channels: no timer threads.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,11 +13,12 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use parking_lot::RwLock;
 use serde_json::{Value, json};
 
+use crate::automation::{self, Edge, Invoker, Op};
 use crate::beacon::{self, Beacon, BeaconSender, Freshness, Me};
 use crate::config::Config;
 use crate::credentials::Keys;
 use crate::known::{self, Known, KnownPeer};
-use crate::node::{self, Node};
+use crate::node::{self, Node, Ref};
 use crate::peer::{self, ExchangeEntry, PeerCtl, PeerCtx};
 use crate::proto;
 use crate::sse::{self, Frame};
@@ -83,14 +84,35 @@ impl Reply {
 /// What HTTP workers ask of the state owner.
 #[derive(Debug)]
 pub enum Call {
-    Health { observed: String },
-    Nodes { host: Option<String> },
-    Node { id: String },
-    Put { id: String, body: Value },
-    Delete { id: String },
-    SetValue { id: String, value: Value },
-    Invoke { id: String },
-    Peers { healthy_only: bool },
+    Health {
+        observed: String,
+    },
+    Nodes {
+        host: Option<String>,
+    },
+    Node {
+        id: String,
+    },
+    Put {
+        id: String,
+        body: Value,
+    },
+    Delete {
+        id: String,
+    },
+    SetValue {
+        id: String,
+        value: Value,
+        hops: u32,
+    },
+    Invoke {
+        id: String,
+        hops: u32,
+        invoker: Option<Invoker>,
+    },
+    Peers {
+        healthy_only: bool,
+    },
     Stats,
 }
 
@@ -160,6 +182,11 @@ pub enum Event {
         result: Result<(String, SocketAddr), String>,
     },
     Persisted,
+    /// A webhook call finished (on the webhook worker): the HTTP status, or why not.
+    WebhookDone {
+        id: String,
+        result: Result<u16, String>,
+    },
     Reload(Box<Reload>),
     /// Graceful stop; the reply is sent once state is flushed.
     Shutdown(Sender<()>),
@@ -333,6 +360,11 @@ pub struct State {
     /// Our own address as peers see it (their `/health` `observedAddress`).
     observed: Option<String>,
     worker: Worker,
+    /// Webhook calls: a pool of their own, so a dead target never holds up probes
+    /// or forwarded writes.
+    webhooks: Worker,
+    /// Which own triggers and computes watch a node (rebuilt when they change).
+    deps: HashMap<Ref, Vec<String>>,
 }
 
 struct StaticPeer {
@@ -356,6 +388,7 @@ pub struct Parts {
     pub beacon: Option<BeaconSender>,
     pub store: Sender<Job>,
     pub worker: Worker,
+    pub webhooks: Worker,
 }
 
 type Ack = store::Done;
@@ -382,6 +415,7 @@ impl State {
             beacon,
             store,
             worker,
+            webhooks,
         } = parts;
         let info = HostInfo::read();
         let statics = cfg
@@ -427,6 +461,8 @@ impl State {
             last_rebootstrap: Instant::now(),
             observed: None,
             worker,
+            webhooks,
+            deps: HashMap::new(),
         };
         for mut n in own_nodes {
             if n.kind == node::SERVER || n.id == s.me.install_id {
@@ -435,6 +471,7 @@ impl State {
             n.host = s.me.install_id.clone();
             s.own.insert(n.id.clone(), n);
         }
+        s.rebuild_deps();
         let server = s.server_node();
         s.own.insert(server.id.clone(), server);
         s
@@ -454,6 +491,7 @@ impl State {
             }),
             timestamp: util::now_ms(),
             version: 1,
+            hops: 0,
         }
     }
 
@@ -527,6 +565,7 @@ impl State {
             } => self.on_inbound(&install_id, address, port),
             Event::Probed { spec, result } => self.on_probed(&spec, result),
             Event::Persisted => self.persist_busy = false,
+            Event::WebhookDone { id, result } => self.webhook_done(&id, result),
             Event::Reload(r) => self.reload(*r),
             Event::Shutdown(_) => unreachable!("handled in run"),
         }
@@ -754,6 +793,7 @@ impl State {
                     .is_some();
                 if removed {
                     self.emit_delete(&id, install_id, false);
+                    self.source_changed(install_id, &id, 0);
                 }
             }
             PeerReport::Failed {
@@ -795,6 +835,7 @@ impl State {
         m.insert(n.id.clone(), n.clone());
         let shown = self.present(&n);
         self.emit_node(&shown, false);
+        self.source_changed(&n.host, &n.id, n.hops);
     }
 
     fn apply_snapshot(&mut self, host: &str, nodes: Vec<Node>) {
@@ -813,6 +854,7 @@ impl State {
                 m.remove(&id);
             }
             self.emit_delete(&id, host, false);
+            self.source_changed(host, &id, 0);
         }
         for n in nodes {
             if n.host == host && node::valid_id(&n.id) {
@@ -840,6 +882,7 @@ impl State {
         for n in nodes {
             let shown = self.present(&n);
             self.emit_node(&shown, false);
+            self.source_changed(host, &n.id, 0);
         }
     }
 
@@ -978,23 +1021,16 @@ impl State {
                 }
                 Err(r) => r,
             },
-            Call::SetValue { id, value } => match self.set_value(&id, value) {
-                Ok(Some(n)) => {
+            Call::SetValue { id, value, hops } => match self.set_value(&id, value, hops) {
+                Ok(n) => {
+                    let n = self.own.get(&id).cloned().unwrap_or(n);
                     self.pending_acks
                         .push(ack_with(reply, Reply::json(200, &n)));
                     return;
                 }
-                Ok(None) => return, // unchanged and already durable
                 Err(r) => r,
             },
-            Call::Invoke { id } => match self.find(&id) {
-                None => Reply::error(404, format!("no node {id}")),
-                Some(n) if n.kind == node::DATA_POINT => {
-                    Reply::error(409, "a DataPoint cannot be invoked; set its value instead")
-                }
-                Some(n) if n.host != self.me.install_id => self.forward(&n, "invoke", "{}".into()),
-                Some(n) => Reply::error(409, format!("{} nodes cannot be invoked", n.kind)),
-            },
+            Call::Invoke { id, hops, invoker } => self.invoke_call(&id, hops, invoker),
             Call::Peers { healthy_only } => {
                 let peers: Vec<Value> = self
                     .peers
@@ -1095,22 +1131,41 @@ impl State {
             meta: d.meta,
             timestamp: util::now_ms(),
             version: old.map_or(1, |o| o.version + 1),
+            hops: 0,
         };
         let status = if old.is_some() { 200 } else { 201 };
+        let watches = |k: &str| [node::TRIGGER_HIGH, node::TRIGGER_LOW, node::COMPUTE].contains(&k);
+        let rewire = watches(&n.kind) || old.is_some_and(|o| watches(&o.kind));
         self.own.insert(id.to_string(), n.clone());
         self.dirty = true;
         self.emit_node(&n, true);
-        Ok((status, n))
+        if rewire {
+            self.rebuild_deps();
+        }
+        // A new trigger past its threshold fires at once; a compute computes now.
+        match n.kind.as_str() {
+            node::TRIGGER_HIGH | node::TRIGGER_LOW => self.evaluate_trigger(id, 0),
+            node::COMPUTE => self.recompute(id, 0),
+            _ => {}
+        }
+        let me = self.me.install_id.clone();
+        self.source_changed(&me, id, 0);
+        let stored = self.own.get(id).cloned().unwrap_or(n);
+        Ok((status, stored))
     }
 
     fn delete(&mut self, id: &str) -> Result<(), Reply> {
         if id == self.me.install_id {
             return Err(Reply::error(409, "the Server node cannot be deleted"));
         }
-        if self.own.remove(id).is_some() {
+        if let Some(old) = self.own.remove(id) {
             self.dirty = true;
             let me = self.me.install_id.clone();
             self.emit_delete(id, &me, true);
+            if [node::TRIGGER_HIGH, node::TRIGGER_LOW, node::COMPUTE].contains(&old.kind.as_str()) {
+                self.rebuild_deps();
+            }
+            self.source_changed(&me, id, 0);
             return Ok(());
         }
         match self.owned_elsewhere(id) {
@@ -1123,33 +1178,48 @@ impl State {
     }
 
     /// `Ok(Some(node))` changed, `Err` a reply to send now (errors, forwards).
-    fn set_value(&mut self, id: &str, value: Value) -> Result<Option<Node>, Reply> {
+    /// A value from a client (or a peer forwarding one): applied here, or forwarded
+    /// to the owner. `Ok(node)` once applied; `Err` a reply to send now.
+    fn set_value(&mut self, id: &str, value: Value, hops: u32) -> Result<Node, Reply> {
         if let Err(e) = node::check_value(&value) {
             return Err(Reply::error(400, e));
         }
-        let Some(n) = self.own.get_mut(id) else {
+        if !self.own.contains_key(id) {
             return match self.owned_elsewhere(id).cloned() {
                 Some(n) if n.kind != node::DATA_POINT => Err(Reply::error(
                     409,
                     format!("node {id} is a {}, not a DataPoint", n.kind),
                 )),
-                Some(n) => Err(self.forward(&n, "value", json!({ "value": value }).to_string())),
+                Some(n) => Err(self.forward(
+                    &n,
+                    "value",
+                    json!({ "value": value, "hops": hops }).to_string(),
+                )),
                 None => Err(Reply::error(404, format!("no node {id}"))),
             };
+        }
+        self.set_own_value(id, value, hops)
+            .map_err(|e| Reply::error(409, e))
+    }
+
+    /// Sets an own DataPoint's value and runs what watches it.
+    fn set_own_value(&mut self, id: &str, value: Value, hops: u32) -> Result<Node, String> {
+        let Some(n) = self.own.get_mut(id) else {
+            return Err(format!("no node {id}"));
         };
         if n.kind != node::DATA_POINT {
-            return Err(Reply::error(
-                409,
-                format!("node {id} is a {}, not a DataPoint", n.kind),
-            ));
+            return Err(format!("node {id} is a {}, not a DataPoint", n.kind));
         }
         n.meta["value"] = value;
         n.version += 1;
         n.timestamp = util::now_ms();
+        n.hops = hops;
         let n = n.clone();
         self.dirty = true;
         self.emit_node(&n, true);
-        Ok(Some(n))
+        let me = self.me.install_id.clone();
+        self.source_changed(&me, id, hops);
+        Ok(n)
     }
 
     fn forward(&self, n: &Node, what: &str, body: String) -> Reply {
@@ -1165,6 +1235,324 @@ impl State {
             Some(p) => Reply::error(502, format!("owner {} is not connected", p.label())),
             None => Reply::error(502, format!("owner {} is unknown", short(&n.host))),
         }
+    }
+
+    // ---- automation -----------------------------------------------------------
+
+    /// Rebuilds which own triggers and computes watch which node.
+    fn rebuild_deps(&mut self) {
+        self.deps.clear();
+        for n in self.own.values() {
+            let watched = match n.kind.as_str() {
+                node::TRIGGER_HIGH | node::TRIGGER_LOW => {
+                    Ref::from_meta(&n.meta, "source").into_iter().collect()
+                }
+                node::COMPUTE => Ref::list(&n.meta, "inputs"),
+                _ => continue,
+            };
+            for r in watched {
+                self.deps.entry(r).or_default().push(n.id.clone());
+            }
+        }
+    }
+
+    /// A node anywhere (own or mirrored) and whether it is stale.
+    fn node_at(&self, r: &Ref) -> Option<(&Node, bool)> {
+        if r.host == self.me.install_id {
+            return self.own.get(&r.id).map(|n| (n, false));
+        }
+        let n = self.mirrors.get(&r.host)?.get(&r.id)?;
+        Some((n, self.stale_hosts.contains(&r.host)))
+    }
+
+    /// A usable reading: a number held by a node that is there and not stale.
+    fn reading(&self, r: &Ref) -> Option<f64> {
+        match self.node_at(r) {
+            Some((n, false)) => automation::numeric(&n.meta["value"]),
+            _ => None,
+        }
+    }
+
+    /// A watched node changed (value, state, gone): run what watches it.
+    fn source_changed(&mut self, host: &str, id: &str, hops: u32) {
+        let key = Ref {
+            host: host.to_string(),
+            id: id.to_string(),
+        };
+        let Some(watchers) = self.deps.get(&key).cloned() else {
+            return;
+        };
+        if hops > automation::MAX_HOPS {
+            log::warn!(
+                "automation chain cut after {} hops at node {id} of {} (a loop between nodes?)",
+                automation::MAX_HOPS,
+                short(host)
+            );
+            return;
+        }
+        for w in watchers {
+            match self.own.get(&w).map(|n| n.kind.as_str()) {
+                Some(node::TRIGGER_HIGH | node::TRIGGER_LOW) => self.evaluate_trigger(&w, hops),
+                Some(node::COMPUTE) => self.recompute(&w, hops),
+                _ => {}
+            }
+        }
+    }
+
+    /// Changes an own node in place: new version and time, emitted, to be stored.
+    fn touch(&mut self, id: &str, hops: u32, f: impl FnOnce(&mut Node)) -> Option<Node> {
+        let n = self.own.get_mut(id)?;
+        f(n);
+        n.version += 1;
+        n.timestamp = util::now_ms();
+        n.hops = hops;
+        let n = n.clone();
+        self.dirty = true;
+        self.emit_node(&n, true);
+        Some(n)
+    }
+
+    fn evaluate_trigger(&mut self, tid: &str, hops: u32) {
+        let Some(t) = self.own.get(tid) else { return };
+        let edge = if t.kind == node::TRIGGER_HIGH {
+            Edge::High
+        } else {
+            Edge::Low
+        };
+        let Some(value) = Ref::from_meta(&t.meta, "source").and_then(|r| self.reading(&r)) else {
+            return;
+        };
+        let threshold = automation::numeric(&t.meta["threshold"]).unwrap_or(0.0);
+        let hysteresis = automation::numeric(&t.meta["hysteresis"]).unwrap_or(0.0);
+        let armed = t.meta["armed"].as_bool().unwrap_or(true);
+        let (fire, armed_after) =
+            automation::trigger_step(edge, threshold, hysteresis, armed, value);
+        if !fire && armed_after == armed {
+            return;
+        }
+        let Some(t) = self.touch(tid, hops, |t| {
+            t.meta["armed"] = Value::Bool(armed_after);
+            t.state = if fire { "EXECUTED" } else { "OK" }.into();
+        }) else {
+            return;
+        };
+        if fire {
+            log::debug!("trigger {} fired at {value}", t.name);
+            let inv = Invoker {
+                id: t.id.clone(),
+                name: t.name.clone(),
+                value: json!(value),
+                timestamp: t.timestamp,
+            };
+            for target in Ref::list(&t.meta, "targets") {
+                self.invoke(&target, hops + 1, &inv);
+            }
+        }
+    }
+
+    fn recompute(&mut self, cid: &str, hops: u32) {
+        let Some(c) = self.own.get(cid) else { return };
+        let op = Op::parse(c.meta["op"].as_str().unwrap_or("")).unwrap_or(Op::Avg);
+        let mut usable = Vec::new();
+        let mut warn = false;
+        for r in Ref::list(&c.meta, "inputs") {
+            match self.node_at(&r) {
+                Some((n, false)) => usable.extend(automation::numeric(&n.meta["value"])),
+                _ => warn = true,
+            }
+        }
+        let value = automation::compute(op, &usable).map_or(Value::Null, |v| json!(v));
+        let state = if warn { "WARN" } else { "OK" };
+        let changed = c.meta["value"] != value || c.state != state;
+        let c = if changed {
+            let Some(c) = self.touch(cid, hops, |c| {
+                c.meta["value"] = value;
+                c.state = state.into();
+            }) else {
+                return;
+            };
+            let me = self.me.install_id.clone();
+            self.source_changed(&me, cid, hops + 1);
+            c
+        } else {
+            c.clone()
+        };
+        let inv = Invoker {
+            id: c.id.clone(),
+            name: c.name.clone(),
+            value: c.meta["value"].clone(),
+            timestamp: c.timestamp,
+        };
+        for target in Ref::list(&c.meta, "targets") {
+            self.invoke(&target, hops + 1, &inv);
+        }
+    }
+
+    /// Runs `target` (on this server, or asks its owner to).
+    fn invoke(&mut self, target: &Ref, hops: u32, inv: &Invoker) {
+        if hops > automation::MAX_HOPS {
+            log::warn!(
+                "automation chain cut after {} hops before invoking {} on {} (a loop between nodes?)",
+                automation::MAX_HOPS,
+                target.id,
+                short(&target.host)
+            );
+            return;
+        }
+        if target.host != self.me.install_id {
+            let body = json!({ "hops": hops, "invoker": inv }).to_string();
+            self.remote(target, "invoke", body);
+            return;
+        }
+        let Some(n) = self.own.get(&target.id).cloned() else {
+            log::warn!("automation: no node {} to invoke", target.id);
+            return;
+        };
+        match n.kind.as_str() {
+            node::EXECUTOR_SET_VALUE => {
+                self.touch(&n.id, hops, |e| e.state = "EXECUTED".into());
+                if let Some(t) = Ref::from_meta(&n.meta, "target") {
+                    let value = n.meta["value"].clone();
+                    if t.host == self.me.install_id {
+                        if let Err(e) = self.set_own_value(&t.id, value, hops) {
+                            log::warn!("executor {}: cannot set {}: {e}", n.name, t.id);
+                        }
+                    } else {
+                        let body = json!({ "value": value, "hops": hops }).to_string();
+                        self.remote(&t, "value", body);
+                    }
+                }
+            }
+            node::WEBHOOK => self.send_webhook(&n, inv),
+            node::COMPUTE => self.recompute(&n.id, hops),
+            node::TRIGGER_HIGH | node::TRIGGER_LOW => {
+                for t in Ref::list(&n.meta, "targets") {
+                    self.invoke(&t, hops + 1, inv);
+                }
+            }
+            other => log::debug!("automation: a {other} cannot be invoked ({})", n.id),
+        }
+    }
+
+    /// `POST /nodes/{id}/invoke` from a client or a peer.
+    fn invoke_call(&mut self, id: &str, hops: u32, invoker: Option<Invoker>) -> Reply {
+        let Some(n) = self.find(id) else {
+            return Reply::error(404, format!("no node {id}"));
+        };
+        if n.kind == node::DATA_POINT {
+            return Reply::error(409, "a DataPoint cannot be invoked; set its value instead");
+        }
+        if n.kind == node::SERVER {
+            return Reply::error(409, "the Server node cannot be invoked");
+        }
+        if n.host != self.me.install_id {
+            let body = json!({ "hops": hops, "invoker": invoker }).to_string();
+            return self.forward(&n, "invoke", body);
+        }
+        let inv = invoker.unwrap_or_else(|| Invoker {
+            id: n.id.clone(),
+            name: n.name.clone(),
+            value: n.meta.get("value").cloned().unwrap_or(Value::Null),
+            timestamp: util::now_ms(),
+        });
+        let target = Ref {
+            host: n.host.clone(),
+            id: n.id.clone(),
+        };
+        self.invoke(&target, hops, &inv);
+        match self.own.get(id) {
+            Some(n) => Reply::json(200, n),
+            None => Reply::error(404, format!("no node {id}")),
+        }
+    }
+
+    /// Sends a value or an invocation to the server that owns `target`, on the worker.
+    fn remote(&mut self, target: &Ref, what: &'static str, body: String) {
+        let Some(p) = self
+            .peers
+            .get(&target.host)
+            .filter(|p| p.status == PeerStatus::Connected)
+        else {
+            log::warn!(
+                "automation: cannot {what} node {} on {}: that server is not connected",
+                target.id,
+                short(&target.host)
+            );
+            return;
+        };
+        let Some(keys) = self.keys.read().clone() else {
+            return;
+        };
+        let to = SocketAddr::new(p.address, p.port);
+        let (owner, name) = (p.install_id.clone(), p.name.clone());
+        let path = format!("/nodes/{}/{what}", target.id);
+        let (dir, dial) = (self.cfg.state_dir.clone(), self.cfg.timings.dial_timeout);
+        self.worker.submit(move || {
+            match peer::post_pinned(&dir, &owner, to, &path, &body, &keys.bearer, dial) {
+                Ok((s, _)) if (200..300).contains(&s) => {}
+                Ok((s, b)) => log::warn!("automation: {path} on {name} answered {s}: {b}"),
+                Err(e) => log::warn!("automation: {path} on {name} failed: {e}"),
+            }
+        });
+    }
+
+    fn send_webhook(&mut self, n: &Node, inv: &Invoker) {
+        let m = &n.meta;
+        let call = automation::WebhookCall {
+            method: m["method"].as_str().unwrap_or("POST").to_string(),
+            url: m["url"].as_str().unwrap_or("").to_string(),
+            content_type: m["contentType"]
+                .as_str()
+                .unwrap_or("application/json")
+                .to_string(),
+            body: automation::render(m["body"].as_str().unwrap_or(""), inv),
+        };
+        let (id, tx) = (n.id.clone(), self.peer_ctx.tx.clone());
+        let queued = self.webhooks.submit(move || {
+            let result = call.send();
+            let _ = tx.send(Event::WebhookDone { id, result });
+        });
+        if !queued {
+            self.webhook_done(
+                &n.id,
+                Err("webhook queue full (the target is too slow?)".into()),
+            );
+        }
+    }
+
+    fn webhook_done(&mut self, id: &str, result: Result<u16, String>) {
+        let Some(n) = self.own.get(id).filter(|n| n.kind == node::WEBHOOK) else {
+            return;
+        };
+        let was_error = n.state == "ERROR";
+        let status = result.as_ref().ok().copied().unwrap_or(0);
+        let error = match result {
+            Ok(s) if (200..300).contains(&s) => None,
+            Ok(s) => Some(format!("answered {s}")),
+            Err(e) => Some(e),
+        };
+        match &error {
+            Some(e) if !was_error => log::warn!("webhook {} ({}) failed: {e}", n.name, n.id),
+            Some(e) => log::debug!("webhook {} failed again: {e}", n.name),
+            None if was_error => log::info!("webhook {} works again", n.name),
+            None => {}
+        }
+        let hops = n.hops;
+        self.touch(id, hops, |n| match error {
+            Some(e) => {
+                n.state = "ERROR".into();
+                n.meta["lastError"] = e.into();
+                let f = n.meta["failures"].as_u64().unwrap_or(0);
+                n.meta["failures"] = (f + 1).into();
+            }
+            None => {
+                n.state = "EXECUTED".into();
+                n.meta["lastStatus"] = status.into();
+                if let Some(o) = n.meta.as_object_mut() {
+                    o.remove("lastError");
+                }
+            }
+        });
     }
 
     // ---- persistence --------------------------------------------------------
@@ -1227,6 +1615,7 @@ impl State {
             if let Some(m) = self.mirrors.remove(&id) {
                 for nid in m.keys() {
                     self.emit_delete(nid, &id, false);
+                    self.source_changed(&id, nid, 0);
                 }
             }
         }

@@ -149,6 +149,7 @@ mod tests {
             meta: serde_json::json!({"value": 3}),
             timestamp: 1,
             version: 2,
+            hops: 0,
         };
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         let w = spawn_writer().unwrap();
