@@ -25,6 +25,7 @@ Commands:
   peers    the peer table
   nodes    the node table
   set      set a data point's value: krill set NODE_ID VALUE
+  invoke   run an executor, webhook, compute or trigger now: krill invoke NODE_ID
   help     this text, or 'krill help COMMAND'
 
 Options for every command:
@@ -59,6 +60,9 @@ fn command_help(cmd: &str) -> Option<String> {
         ),
         "set" => format!(
             "Usage: krill set NODE_ID VALUE [--config FILE]\n\nSets a DataPoint's value on the local daemon (forwarded to the owner if\nanother server owns it). VALUE is read as JSON when it is a number, true,\nfalse, null or a quoted string, else as text.\n{common}"
+        ),
+        "invoke" => format!(
+            "Usage: krill invoke NODE_ID [--config FILE]\n\nRuns an Executor.SetValue, OutgoingWebHook, Compute or Trigger node now (on\nwhichever server owns it). A DataPoint is set with 'krill set' instead.\n{common}"
         ),
         "help" => USAGE.to_string(),
         _ => return None,
@@ -215,6 +219,7 @@ pub fn main(argv: Vec<String>) -> i32 {
         "peers" => peers(&cfg, args.json),
         "nodes" => nodes(&cfg, args.json),
         "set" => set(&cfg, &args.positional),
+        "invoke" => invoke(&cfg, &args.positional),
         _ => unreachable!("command_help knows every command"),
     }
 }
@@ -505,17 +510,7 @@ fn nodes(cfg: &Config, json: bool) -> i32 {
             .into_iter()
             .flatten()
             .map(|n| {
-                let value = match &n["meta"]["value"] {
-                    Value::Null if n["meta"].get("value").is_none() => String::new(),
-                    v => format!(
-                        "{}{}",
-                        s(v),
-                        n["meta"]["unit"]
-                            .as_str()
-                            .map(|u| format!(" {u}"))
-                            .unwrap_or_default()
-                    ),
-                };
+                let value = describe(n);
                 [
                     s(&n["id"]),
                     s(&n["name"]),
@@ -526,9 +521,66 @@ fn nodes(cfg: &Config, json: bool) -> i32 {
                 ]
             })
             .collect();
-        print_table(&["ID", "NAME", "TYPE", "HOST", "STATE", "VALUE"], &rows);
+        print_table(
+            &["ID", "NAME", "TYPE", "HOST", "STATE", "VALUE / WHAT"],
+            &rows,
+        );
         Ok(0)
     })
+}
+
+/// The VALUE column: a reading, or what an automation node does.
+fn describe(n: &Value) -> String {
+    let m = &n["meta"];
+    let at = |r: &Value| {
+        format!(
+            "{}@{}",
+            s(&r["id"]),
+            util::short(r["host"].as_str().unwrap_or(""))
+        )
+    };
+    let list = |v: &Value| {
+        v.as_array()
+            .map(|a| a.iter().map(at).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default()
+    };
+    match n["type"].as_str().unwrap_or("") {
+        "DataPoint" => {
+            let unit = m["unit"]
+                .as_str()
+                .map(|u| format!(" {u}"))
+                .unwrap_or_default();
+            format!("{}{unit}", s(&m["value"]))
+        }
+        "Trigger.HighThreshold" | "Trigger.LowThreshold" => {
+            let op = if n["type"] == "Trigger.HighThreshold" {
+                ">="
+            } else {
+                "<="
+            };
+            format!(
+                "{} {op} {} -> {}",
+                at(&m["source"]),
+                s(&m["threshold"]),
+                list(&m["targets"])
+            )
+        }
+        "Executor.SetValue" => format!("{} = {}", at(&m["target"]), s(&m["value"])),
+        "Compute" => format!(
+            "{} = {}({})",
+            s(&m["value"]),
+            s(&m["op"]),
+            list(&m["inputs"])
+        ),
+        "OutgoingWebHook" => {
+            let err = m["lastError"]
+                .as_str()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default();
+            format!("{} {}{err}", s(&m["method"]), s(&m["url"]))
+        }
+        _ => String::new(),
+    }
 }
 
 /// Reads a command-line value as JSON when it is one (number, bool, null, "text").
@@ -547,11 +599,33 @@ fn set(cfg: &Config, pos: &[String]) -> i32 {
     let body = serde_json::json!({ "value": parse_cli_value(value) });
     with_local(cfg, |l| {
         let (code, v) = l.call("POST", &format!("/nodes/{id}/value"), Some(&body))?;
-        if code == 200 {
-            println!("{} = {}", s(&v["name"]), s(&v["meta"]["value"]));
-            Ok(0)
-        } else {
-            Err(format!("{code}: {}", s(&v["error"])))
+        match code {
+            200 => {
+                println!("{} = {}", s(&v["name"]), s(&v["meta"]["value"]));
+                Ok(0)
+            }
+            409 if s(&v["error"]).contains("not a DataPoint") => Err(format!(
+                "{}; run it with 'krill invoke {id}'",
+                s(&v["error"])
+            )),
+            _ => Err(format!("{code}: {}", s(&v["error"]))),
+        }
+    })
+}
+
+fn invoke(cfg: &Config, pos: &[String]) -> i32 {
+    let [id] = pos else {
+        eprintln!("krill: usage: krill invoke NODE_ID");
+        return 2;
+    };
+    with_local(cfg, |l| {
+        let (code, v) = l.call("POST", &format!("/nodes/{id}/invoke"), None)?;
+        match code {
+            200 => {
+                println!("invoked {} ({})", s(&v["name"]), s(&v["type"]));
+                Ok(0)
+            }
+            _ => Err(format!("{code}: {}", s(&v["error"]))),
         }
     })
 }
@@ -634,7 +708,9 @@ mod tests {
 
     #[test]
     fn every_command_has_help() {
-        for c in ["run", "set-pin", "status", "peers", "nodes", "set", "help"] {
+        for c in [
+            "run", "set-pin", "status", "peers", "nodes", "set", "invoke", "help",
+        ] {
             assert!(command_help(c).is_some(), "{c}");
         }
         assert!(command_help("run").unwrap().contains("--beacon-interface"));

@@ -34,8 +34,6 @@ fn webhook_receiver() -> Receiver_ {
     }
 }
 
-use std::io::Read;
-
 fn put(d: &Daemon, id: &str, body: Value) -> Value {
     let (s, v) = d.call("PUT", &format!("/nodes/{id}"), Some(&body));
     assert!(s == 201 || s == 200, "PUT {id} on {}: {s} {v}", d.name);
@@ -469,7 +467,93 @@ fn a_loop_between_two_servers_is_cut() {
     // Both servers are fine.
     assert_eq!(a.call("GET", "/health", None).0, 200);
     assert_eq!(b.call("GET", "/health", None).0, 200);
-    // A person's change starts a fresh chain (hops 0) and is not refused.
+    // A person's change starts a fresh chain (hops 0): accepted (set asserts 200),
+    // and the chain it starts is cut again.
+    let cuts = |l: &str| l.matches("automation chain cut").count();
+    let before = cuts(&(a.log() + &b.log()));
     set(a, "x", json!(5));
-    assert_eq!(a.node("x")["meta"]["value"].as_f64().is_some(), true);
+    let again = wait_until(Duration::from_secs(5), || {
+        cuts(&(a.log() + &b.log())) > before
+    });
+    assert!(again.is_some(), "the new chain was cut too");
+}
+
+#[test]
+fn krill_nodes_set_and_invoke_handle_every_type() {
+    let root = TempDir::new("clitypes");
+    let hook = webhook_receiver();
+    let mut d = Daemon::new(&root.0, "a", "1234", free_udp_port(), "");
+    d.start();
+    put(
+        &d,
+        "lamp",
+        json!({"type":"DataPoint","name":"Lamp","meta":{"value":false}}),
+    );
+    put(
+        &d,
+        "temp",
+        json!({"type":"DataPoint","name":"Temp","meta":{"value":19.5,"unit":"°C"}}),
+    );
+    put(
+        &d,
+        "on",
+        json!({"type":"Executor.SetValue","name":"Lamp on","meta":{"target":r(&d, "lamp"),"value":true}}),
+    );
+    put(
+        &d,
+        "cold",
+        json!({"type":"Trigger.LowThreshold","name":"Cold","meta":{"source":r(&d, "temp"),"threshold":10,"targets":[r(&d, "on")]}}),
+    );
+    put(
+        &d,
+        "sum",
+        json!({"type":"Compute","name":"Sum","meta":{"inputs":[r(&d, "temp")],"op":"sum"}}),
+    );
+    put(
+        &d,
+        "hook",
+        json!({"type":"OutgoingWebHook","name":"Hook","meta":{"url":format!("{}/h", hook.url),"body":"{name}={value}"}}),
+    );
+    let out = d.cli(&["nodes"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "19.5 °C",
+        "temp@",
+        "<= 10",
+        "lamp@",
+        "= true",
+        "19.5 = sum(temp@",
+        "POST http://127.0.0.1",
+    ] {
+        assert!(text.contains(want), "{want:?} missing in:\n{text}");
+    }
+    // set works for data points; for an executor it says to invoke instead.
+    assert!(d.cli(&["set", "temp", "21"]).status.success());
+    let out = d.cli(&["set", "on", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("krill invoke on"));
+    // invoke runs an executor, a webhook, a compute, a trigger.
+    assert!(d.cli(&["invoke", "on"]).status.success());
+    assert_eq!(d.node("lamp")["meta"]["value"], json!(true));
+    assert!(d.cli(&["invoke", "hook"]).status.success());
+    let (_, _, body) = hook
+        .rx
+        .recv_timeout(Duration::from_secs(3))
+        .expect("the webhook");
+    assert_eq!(
+        body, "Hook=null",
+        "a person's invoke: the webhook itself is the invoker"
+    );
+    assert!(d.cli(&["invoke", "sum"]).status.success());
+    assert!(d.cli(&["invoke", "cold"]).status.success());
+    let out = d.cli(&["invoke", "temp"]);
+    assert_eq!(out.status.code(), Some(1), "a DataPoint cannot be invoked");
+    // Everything is still there after a restart.
+    d.kill9();
+    d.start();
+    for id in ["lamp", "temp", "on", "cold", "sum", "hook"] {
+        assert!(!d.node(id).is_null(), "{id} lost");
+    }
+    assert_eq!(d.node("sum")["meta"]["value"], json!(21.0));
 }
