@@ -175,6 +175,8 @@ fn start(cfg: Config, args: RunArgs) -> Result<(), String> {
         webhooks,
     });
     drop(tx);
+    // The listener and the beacon run: tell systemd (Type=notify).
+    crate::systemd::notify("READY=1");
     state.run(rx);
     log::info!("stopped");
     Ok(())

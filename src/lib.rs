@@ -16,6 +16,7 @@ pub mod proto;
 pub mod sse;
 pub mod state;
 pub mod store;
+pub mod systemd;
 pub mod tls;
 pub mod util;
 pub mod worker;

@@ -498,7 +498,11 @@ impl State {
     /// Runs until shutdown.
     pub fn run(mut self, rx: Receiver<Event>) {
         self.bootstrap();
-        let housekeeping = crossbeam_channel::tick(Duration::from_secs(1));
+        // The watchdog is pinged from this thread: if it hangs, systemd restarts us.
+        let watchdog = crate::systemd::watchdog_interval();
+        let mut pinged = Instant::now();
+        let tick = watchdog.map_or(Duration::from_secs(1), |w| w.min(Duration::from_secs(1)));
+        let housekeeping = crossbeam_channel::tick(tick);
         loop {
             let deadline = self.next_deadline();
             crossbeam_channel::select! {
@@ -512,7 +516,13 @@ impl State {
                     Err(_) => return,
                 },
                 recv(crossbeam_channel::at(deadline)) -> _ => self.beacon_timer(),
-                recv(housekeeping) -> _ => self.housekeeping(),
+                recv(housekeeping) -> _ => {
+                    self.housekeeping();
+                    if watchdog.is_some_and(|w| pinged.elapsed() >= w) {
+                        crate::systemd::notify("WATCHDOG=1");
+                        pinged = Instant::now();
+                    }
+                }
             }
             self.maybe_persist();
         }
@@ -1872,6 +1882,7 @@ impl State {
 
     fn shutdown(&mut self) {
         log::info!("shutting down");
+        crate::systemd::notify("STOPPING=1");
         if self.beacons_on() {
             self.send_beacon(beacon::STATE_LEAVING);
         }

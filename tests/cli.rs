@@ -314,3 +314,41 @@ fn health_is_degraded_with_503_when_beacons_have_no_interface() {
     );
     assert!(d.log().contains("no network interface for beacons"));
 }
+
+#[test]
+fn under_systemd_it_notifies_ready_pings_the_watchdog_and_says_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let root = TempDir::new("notify");
+    let d = Daemon::new(&root.0, "a", "1234", free_udp_port(), "");
+    let sock_path = root.0.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&d.config)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "1000000")
+        .stderr(std::fs::File::create(d.log_path()).unwrap())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let mut next = || {
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(next(), "READY=1");
+    assert!(d.livez(), "READY only once the listener answers");
+    let t0 = std::time::Instant::now();
+    assert_eq!(next(), "WATCHDOG=1");
+    assert_eq!(next(), "WATCHDOG=1");
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "pinged every WATCHDOG_USEC/2"
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let stopping = (0..5).map(|_| next()).find(|m| m == "STOPPING=1");
+    assert!(stopping.is_some());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
