@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -461,11 +461,6 @@ pub fn best_route(table: &str, dest: Ipv4Addr) -> Option<String> {
         }
     }
     best.map(|(_, n)| n)
-}
-
-/// Whether `ip` is one of ours (used to spot our own address in peer lists).
-pub fn is_local(ip: IpAddr) -> bool {
-    ip.is_loopback() || ipv4_addrs().iter().any(|(_, a)| IpAddr::V4(*a) == ip)
 }
 
 #[cfg(test)]

@@ -180,7 +180,7 @@ fn krill_user() -> Option<(u32, u32)> {
     }
 }
 
-/// Whether `path` is readable only by its owner (warns about loose modes).
+/// The permission bits of `path` (for tests and diagnostics).
 pub fn mode_of(path: &Path) -> Option<u32> {
     fs::metadata(path).ok().map(|m| m.mode() & 0o777)
 }

@@ -1214,19 +1214,16 @@ impl State {
 
     /// Sets an own DataPoint's value and runs what watches it.
     fn set_own_value(&mut self, id: &str, value: Value, hops: u32) -> Result<Node, String> {
-        let Some(n) = self.own.get_mut(id) else {
-            return Err(format!("no node {id}"));
-        };
-        if n.kind != node::DATA_POINT {
-            return Err(format!("node {id} is a {}, not a DataPoint", n.kind));
+        match self.own.get(id) {
+            None => return Err(format!("no node {id}")),
+            Some(n) if n.kind != node::DATA_POINT => {
+                return Err(format!("node {id} is a {}, not a DataPoint", n.kind));
+            }
+            Some(_) => {}
         }
-        n.meta["value"] = value;
-        n.version += 1;
-        n.timestamp = util::now_ms();
-        n.hops = hops;
-        let n = n.clone();
-        self.dirty = true;
-        self.emit_node(&n, true);
+        let n = self
+            .touch(id, hops, |n| n.meta["value"] = value)
+            .expect("the node exists: checked above");
         let me = self.me.install_id.clone();
         self.source_changed(&me, id, hops);
         Ok(n)
