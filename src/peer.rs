@@ -135,6 +135,7 @@ fn failed(reason: impl Into<String>) -> End {
 pub fn spawn(
     ctx: PeerCtx,
     install_id: String,
+    name: String,
     generation: u64,
     address: IpAddr,
     port: u16,
@@ -147,6 +148,7 @@ pub fn spawn(
             let mut t = PeerThread {
                 ctx,
                 install_id,
+                name,
                 generation,
                 target: SocketAddr::new(address, port),
                 last_event_id: None,
@@ -161,6 +163,8 @@ pub fn spawn(
 struct PeerThread {
     ctx: PeerCtx,
     install_id: String,
+    /// The name it had when the thread started, for log lines.
+    name: String,
     generation: u64,
     target: SocketAddr,
     /// `id:` of the last event read, for `Last-Event-ID` on reconnect.
@@ -218,8 +222,14 @@ impl PeerThread {
         }
     }
 
+    /// `name (id prefix, address)`, as the state owner's log lines name peers.
     fn label(&self) -> String {
-        format!("{} at {}", short(&self.install_id), self.target)
+        format!(
+            "{} ({}, {})",
+            self.name,
+            short(&self.install_id),
+            self.target
+        )
     }
 
     fn trust_error(&mut self, msg: String) -> End {

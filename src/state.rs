@@ -727,6 +727,7 @@ impl State {
         match peer::spawn(
             self.peer_ctx.clone(),
             install_id.to_string(),
+            p.name.clone(),
             generation,
             p.address,
             p.port,

@@ -217,6 +217,18 @@ fn client_commands_talk_to_the_local_daemon() {
         text.starts_with("NAME") && text.contains("beta") && text.contains("connected"),
         "{text}"
     );
+    let only_b = ds[1].install_id();
+    let filtered = a.get(&format!("/nodes?host={only_b}"));
+    let hosts: Vec<&str> = filtered["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["host"].as_str())
+        .collect();
+    assert!(
+        !hosts.is_empty() && hosts.iter().all(|h| *h == only_b),
+        "?host filters: {hosts:?}"
+    );
     let healthy = a.get("/network/peers?healthy=true");
     assert_eq!(healthy["peers"].as_array().unwrap().len(), 1);
     let st = a.stats();

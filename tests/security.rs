@@ -294,3 +294,44 @@ fn a_peer_whose_proof_does_not_verify_is_refused_and_logged_at_error() {
     // b never saw a's bearer: it counted no failed bearer checks from a.
     assert!(!ds[1].log().contains("locked out"));
 }
+
+#[test]
+fn the_65th_sse_subscriber_gets_503_with_retry_after() {
+    let root = TempDir::new("subs");
+    let mut d = Daemon::new(&root.0, "a", "1234", free_udp_port(), "");
+    d.start();
+    let agent = d.agent();
+    let auth = format!("Bearer {}", d.bearer());
+    let mut open = Vec::new();
+    for i in 0..64 {
+        let r = agent.get(&d.url("/sse")).set("Authorization", &auth).call();
+        let r = r.unwrap_or_else(|e| panic!("subscriber {i}: {e}"));
+        assert_eq!(r.status(), 200);
+        open.push(r.into_reader()); // keep the stream open
+    }
+    match agent.get(&d.url("/sse")).set("Authorization", &auth).call() {
+        Err(ureq::Error::Status(503, r)) => {
+            assert!(r.header("Retry-After").is_some(), "Retry-After is set");
+            assert!(
+                r.into_string()
+                    .unwrap()
+                    .contains("too many SSE subscribers")
+            );
+        }
+        other => panic!("the 65th subscriber: {other:?}"),
+    }
+    // Other routes still answer, and a slot frees when a subscriber leaves.
+    assert_eq!(d.call("GET", "/health", None).0, 200);
+    open.truncate(10);
+    let t = wait_until(Duration::from_secs(5), || {
+        agent
+            .get(&d.url("/sse"))
+            .set("Authorization", &auth)
+            .call()
+            .map(|r| {
+                open.push(r.into_reader());
+            })
+            .is_ok()
+    });
+    assert!(t.is_some(), "a slot was freed");
+}
