@@ -335,3 +335,50 @@ fn the_65th_sse_subscriber_gets_503_with_retry_after() {
     });
     assert!(t.is_some(), "a slot was freed");
 }
+
+/// A raw TLS connection to `d` (pinned to its certificate).
+fn raw_tls(d: &Daemon) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let pem = std::fs::read_to_string(d.dir.join("state/tls/cert.pem")).unwrap();
+    let der = krill::tls::pem_to_der(&pem).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(krill::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(krill::tls::Verifier::pinned(der))
+        .with_no_client_auth();
+    let conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(cfg), "localhost".try_into().unwrap())
+            .unwrap();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+#[test]
+fn endless_headers_are_cut_off_before_any_authentication() {
+    use std::io::{Read, Write};
+    let root = TempDir::new("headers");
+    let mut d = Daemon::new(&root.0, "a", "1234", free_udp_port(), "");
+    d.start();
+    for (what, head) in [
+        (
+            "a 1 MiB header line",
+            format!("GET /livez HTTP/1.1\r\nX-Long: {}", "a".repeat(1 << 20)),
+        ),
+        (
+            "1000 headers",
+            format!("GET /livez HTTP/1.1\r\n{}", "X-H: 1\r\n".repeat(1000)),
+        ),
+    ] {
+        let mut s = raw_tls(&d);
+        // The server stops reading early; the rest of the write may fail: fine.
+        let _ = s.write_all(head.as_bytes()).and_then(|_| s.flush());
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 431"), "{what}: {answer:?}");
+    }
+    // The daemon is fine.
+    assert_eq!(d.request_as("GET", "/livez", None, None).0, 200);
+    assert_eq!(d.call("GET", "/health", None).0, 200);
+}

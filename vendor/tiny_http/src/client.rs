@@ -12,6 +12,11 @@ use crate::util::RefinedTcpStream;
 use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
 use crate::Request;
 
+/// krill patch: longest request or header line accepted (8 KiB, as nginx's default).
+const MAX_LINE_BYTES: usize = 8 * 1024;
+/// krill patch: most header lines in one request.
+const MAX_HEADERS: usize = 100;
+
 /// A ClientConnection is an object that will store a socket to a client
 /// and return Request objects.
 pub struct ClientConnection {
@@ -97,6 +102,11 @@ impl ClientConnection {
 
             prev_byte_was_cr = byte == b'\r';
 
+            // krill patch: a request or header line is bounded; upstream grew the
+            // buffer for as long as a client kept sending.
+            if buf.len() >= MAX_LINE_BYTES {
+                return Err(IoError::new(ErrorKind::InvalidInput, "header line too long"));
+            }
             buf.push(byte);
         }
     }
@@ -118,6 +128,13 @@ impl ClientConnection {
             let headers = {
                 let mut headers = Vec::new();
                 loop {
+                    // krill patch: at most MAX_HEADERS header lines.
+                    if headers.len() >= MAX_HEADERS {
+                        return Err(ReadError::ReadIoError(IoError::new(
+                            ErrorKind::InvalidInput,
+                            "too many headers",
+                        )));
+                    }
                     let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
 
                     if line.is_empty() {
@@ -218,6 +235,16 @@ impl Iterator for ClientConnection {
                     let response = Response::new_empty(StatusCode(417));
                     response.raw_print(writer, ver, &[], true, None).ok();
                     return None; // TODO: should be recoverable, but needs handling in case of body
+                }
+
+                Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::InvalidInput => {
+                    // krill patch: a header line too long, or too many of them.
+                    let writer = self.sink.next().unwrap();
+                    let response = Response::new_empty(StatusCode(431));
+                    response
+                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
+                        .ok();
+                    return None; // closing the connection
                 }
 
                 Err(ReadError::ReadIoError(_)) => return None,
