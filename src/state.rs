@@ -365,6 +365,8 @@ pub struct State {
     webhooks: Worker,
     /// Which own triggers and computes watch a node (rebuilt when they change).
     deps: HashMap<Ref, Vec<String>>,
+    /// Peers already warned about for sending more than `max_nodes` nodes.
+    mirror_full_warned: HashSet<String>,
 }
 
 struct StaticPeer {
@@ -463,6 +465,7 @@ impl State {
             worker,
             webhooks,
             deps: HashMap::new(),
+            mirror_full_warned: HashSet::new(),
         };
         for mut n in own_nodes {
             if n.kind == node::SERVER || n.id == s.me.install_id {
@@ -841,6 +844,17 @@ impl State {
         let host = n.host.clone();
         let m = self.mirrors.entry(host).or_default();
         if m.get(&n.id) == Some(&n) {
+            return;
+        }
+        // A peer may own no more nodes than we would: its extra ones are not mirrored.
+        if m.len() >= self.cfg.max_nodes && !m.contains_key(&n.id) {
+            if self.mirror_full_warned.insert(n.host.clone()) {
+                log::warn!(
+                    "peer {} sends more than max_nodes ({}) nodes; not mirroring the rest",
+                    short(&n.host),
+                    self.cfg.max_nodes
+                );
+            }
             return;
         }
         m.insert(n.id.clone(), n.clone());

@@ -382,3 +382,51 @@ fn endless_headers_are_cut_off_before_any_authentication() {
     assert_eq!(d.request_as("GET", "/livez", None, None).0, 200);
     assert_eq!(d.call("GET", "/health", None).0, 200);
 }
+
+#[test]
+fn a_peer_with_too_many_nodes_is_mirrored_only_up_to_max_nodes() {
+    // b may own 10 nodes; a mirrors at most 5 of any peer's.
+    let root = TempDir::new("mirrorcap");
+    let bp = free_udp_port();
+    let mut a = Daemon::new(&root.0, "a", "1234", bp, "max_nodes = 5");
+    let mut b = Daemon::new(&root.0, "b", "1234", bp, "max_nodes = 10");
+    a.start();
+    b.start();
+    assert!(wait_until(Duration::from_secs(3), || full_mesh(&[&a, &b])).is_some());
+    for i in 0..9 {
+        let (s, _) = b.call(
+            "PUT",
+            &format!("/nodes/m{i}"),
+            Some(&json!({"type":"DataPoint","name":"m"})),
+        );
+        assert_eq!(s, 201);
+    }
+    let bid = b.install_id();
+    let count = || {
+        a.get(&format!("/nodes?host={bid}"))["nodes"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    assert!(
+        wait_until(Duration::from_secs(2), || a
+            .log()
+            .contains("not mirroring the rest"))
+        .is_some()
+    );
+    assert_eq!(count(), 5, "b's Server node and four data points");
+    assert_eq!(
+        a.log().matches("not mirroring the rest").count(),
+        1,
+        "warned once"
+    );
+    // Changes to the mirrored ones still flow (events arrive in creation order, so
+    // m0 is among the first four).
+    let (s, _) = b.call("POST", "/nodes/m0/value", Some(&json!({"value": 7})));
+    assert_eq!(s, 200);
+    assert!(
+        wait_until(Duration::from_secs(1), || a.node("m0")["meta"]["value"]
+            == json!(7))
+        .is_some()
+    );
+    assert!(a.node("m8").is_null(), "m8 is past the cap");
+}
