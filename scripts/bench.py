@@ -1,0 +1,503 @@
+#!/usr/bin/env python3
+"""krill benchmarks, side by side with Serf and Mosquitto, in the mesh lab.
+
+Run by scripts/bench (root: network namespaces). Every figure is the median of
+several runs with min and max. Writes bench/report.md and bench/latency.png.
+The measuring process joins the lab's hub namespace, so all traffic stays on the
+lab's own bridge.
+"""
+
+import ctypes
+import http.client
+import json
+import os
+import platform
+import re
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAB = os.path.join(ROOT, "scripts", "mesh-lab")
+BIN = os.path.join(ROOT, "target", "release", "krill")
+PREFIX = "kb"
+DIR = f"/tmp/krill-lab-{PREFIX}"
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+ENV = dict(os.environ, KRILL_LAB=PREFIX, KRILL_BIN=BIN)
+CTX = ssl.create_default_context()
+CTX.check_hostname = False
+CTX.verify_mode = ssl.CERT_NONE  # measurement only; the product pins certificates
+
+results = {}  # section -> rows
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def sh(*args, check=True, quiet=True):
+    r = subprocess.run(args, env=ENV, capture_output=quiet, text=True)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{args}: {r.stderr}")
+    return r.stdout if quiet else ""
+
+
+def lab(*args):
+    return sh(LAB, *args)
+
+
+def enter_hub():
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    fd = os.open(f"/run/netns/{PREFIX}-hub", os.O_RDONLY)
+    if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+        raise OSError(ctypes.get_errno(), "setns")
+    os.close(fd)
+
+
+def up(n, *opts):
+    lab("up", str(n), *opts)
+    enter_hub()
+
+
+def addr(i):
+    try:
+        return open(f"{DIR}/{i}/addr").read().strip()
+    except OSError:
+        return f"10.77.0.{10 + i}"
+
+
+def bearer(i):
+    return open(f"{DIR}/{i}/cred/pin_derived_key").read().strip()
+
+
+def install_id(i):
+    for _ in range(200):
+        try:
+            return open(f"{DIR}/{i}/state/install_id").read().strip()
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"host {i} has no install_id")
+
+
+def call(i, method, path, body=None, timeout=2):
+    c = http.client.HTTPSConnection(addr(i), 8442, context=CTX, timeout=timeout)
+    try:
+        headers = {"Authorization": f"Bearer {bearer(i)}"}
+        data = None
+        if body is not None:
+            data = json.dumps(body)
+            headers["Content-Type"] = "application/json"
+        c.request(method, path, body=data, headers=headers)
+        r = c.getresponse()
+        text = r.read()
+        return r.status, (json.loads(text) if text else None)
+    finally:
+        c.close()
+
+
+def peers(i):
+    try:
+        s, v = call(i, "GET", "/network/peers")
+        return {p["installId"]: p["status"] for p in v["peers"]} if s == 200 else {}
+    except (OSError, http.client.HTTPException, ValueError):
+        return {}
+
+
+def wait(cond, limit):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        if cond():
+            return time.monotonic() - t0
+        time.sleep(0.02)
+    return None
+
+
+def full_mesh(hosts):
+    ids = {i: install_id(i) for i in hosts}
+    for i in hosts:
+        p = peers(i)
+        if any(p.get(ids[j]) != "connected" for j in hosts if j != i):
+            return False
+    return True
+
+
+def pid_of(i):
+    return int(open(f"{DIR}/{i}/pid").read())
+
+
+def rss_threads(pid):
+    st = open(f"/proc/{pid}/status").read()
+    rss = int(re.search(r"VmRSS:\s+(\d+)", st).group(1))
+    threads = int(re.search(r"Threads:\s+(\d+)", st).group(1))
+    return rss, threads
+
+
+def cpu_seconds(pid):
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "n/a"
+    return (statistics.median(xs), min(xs), max(xs))
+
+
+def fmt(m, unit="", scale=1.0, digits=0):
+    if m == "n/a":
+        return "n/a"
+    md, lo, hi = (v * scale for v in m)
+    return f"{md:.{digits}f}{unit} ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+# ---- Serf ---------------------------------------------------------------------
+
+def serf_start(i, join=None):
+    a = addr(i)
+    args = ["ip", "netns", "exec", f"{PREFIX}-{i}", "serf", "agent", f"-node=h{i}",
+            f"-bind={a}:7946", "-rpc-addr=127.0.0.1:7373", "-log-level=err"]
+    args += [f"-join={join}"] if join else [f"-discover={PREFIX}"]
+    p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return p
+
+
+def serf_members(i):
+    r = subprocess.run(["ip", "netns", "exec", f"{PREFIX}-{i}", "serf", "members",
+                        "-rpc-addr=127.0.0.1:7373", "-format=json"], capture_output=True, text=True)
+    try:
+        return {m["name"]: m["status"] for m in json.loads(r.stdout)["members"]}
+    except (ValueError, KeyError):
+        return {}
+
+
+def serf_full(hosts):
+    for i in hosts:
+        m = serf_members(i)
+        if any(m.get(f"h{j}") != "alive" for j in hosts):
+            return False
+    return True
+
+
+def serf_cluster(n):
+    """A lab of n hosts with no krill running, and a Serf agent on each."""
+    up(n, "--conf", "beacons = false")
+    for i in range(1, n + 1):
+        lab("kill", str(i), "KILL")
+    time.sleep(0.3)
+    return [serf_start(i) for i in range(1, n + 1)]
+
+
+# ---- sections --------------------------------------------------------------------
+
+def footprint():
+    rows = []
+    for peers_n in (0, 4, 15):
+        rss, thr = [], []
+        for _ in range(RUNS):
+            up(peers_n + 1)
+            if peers_n:
+                wait(lambda: full_mesh(list(range(1, peers_n + 2))), 20)
+            time.sleep(3)
+            r, t = rss_threads(pid_of(1))
+            rss.append(r / 1024)
+            thr.append(t)
+        rows.append((f"krill, {peers_n} peers", fmt(med(rss), " MiB", digits=1), fmt(med(thr))))
+    # CPU per idle minute with 15 peers (a 20 s window, scaled).
+    cpu = []
+    for _ in range(RUNS):
+        up(16)
+        wait(lambda: full_mesh(list(range(1, 17))), 20)
+        time.sleep(2)
+        c0 = cpu_seconds(pid_of(1))
+        time.sleep(20)
+        cpu.append((cpu_seconds(pid_of(1)) - c0) * 3)
+    results["cpu_krill"] = fmt(med(cpu), " s", digits=2)
+    # Serf in the same 16-host lab.
+    srss, sthr, scpu = [], [], []
+    for _ in range(RUNS):
+        procs = serf_cluster(16)
+        wait(lambda: serf_full(list(range(1, 17))), 30)
+        time.sleep(3)
+        pid = procs[0].pid
+        # ip netns exec execs serf: the same pid.
+        r, t = rss_threads(pid)
+        srss.append(r / 1024)
+        sthr.append(t)
+        c0 = cpu_seconds(pid)
+        time.sleep(20)
+        scpu.append((cpu_seconds(pid) - c0) * 3)
+        for p in procs:
+            p.kill()
+    rows.append(("serf agent, 15 peers", fmt(med(srss), " MiB", digits=1), fmt(med(sthr))))
+    results["cpu_serf"] = fmt(med(scpu), " s", digits=2)
+    results["footprint"] = rows
+    size = os.path.getsize(BIN) / 1024 / 1024
+    serf_bin = subprocess.run(["sh", "-c", "command -v serf"], capture_output=True, text=True).stdout.strip()
+    results["size"] = (f"{size:.2f} MiB", f"{os.path.getsize(serf_bin) / 1024 / 1024:.2f} MiB")
+    results["rss15"] = (med(rss)[0] if rss else None, med(srss)[0] if srss else None)
+    results["threads15"] = med(thr)[0] if thr else None
+
+
+def discovery():
+    rows = []
+    for n in (4, 8, 16):
+        k, s = [], []
+        for _ in range(RUNS):
+            lab("down")
+            t0 = time.monotonic()
+            up(n)
+            t = wait(lambda: full_mesh(list(range(1, n + 1))), 30)
+            k.append(None if t is None else time.monotonic() - t0)
+            procs = serf_cluster(n)
+            t0 = time.monotonic()
+            t = wait(lambda: serf_full(list(range(1, n + 1))), 30)
+            s.append(t)
+            for p in procs:
+                p.kill()
+        rows.append((n, fmt(med(k), " s", digits=2), fmt(med(s), " s", digits=2)))
+    results["discovery"] = rows
+
+
+def failure():
+    rows = []
+    n = 6
+    for fault in ("SIGKILL", "link down", "SIGTERM"):
+        k, s = [], []
+        for _ in range(RUNS):
+            up(n)
+            wait(lambda: full_mesh(list(range(1, n + 1))), 20)
+            gone = install_id(n)
+            t0 = time.monotonic()
+            if fault == "SIGKILL":
+                lab("kill", str(n), "KILL")
+            elif fault == "SIGTERM":
+                lab("kill", str(n), "TERM")
+            else:
+                lab("link", str(n), "down")
+            t = wait(lambda: all(peers(i).get(gone) not in ("connected", None) for i in range(1, n)), 30)
+            k.append(t)
+            procs = serf_cluster(n)
+            wait(lambda: serf_full(list(range(1, n + 1))), 30)
+            t0 = time.monotonic()
+            if fault == "SIGKILL":
+                procs[-1].kill()
+            elif fault == "SIGTERM":
+                procs[-1].send_signal(2)  # SIGINT: serf's graceful leave (SIGTERM is not, by default)
+            else:
+                lab("link", str(n), "down")
+            t = wait(lambda: all(serf_members(i).get(f"h{n}") in ("failed", "left") for i in range(1, n)), 30)
+            s.append(t)
+            for p in procs:
+                p.kill()
+        rows.append((fault, fmt(med(k), " s", digits=2), fmt(med(s), " s", digits=2)))
+    results["failure"] = rows
+
+
+def sse_listener(i, node_id, seen, stop):
+    """Reads host i's /sse?scope=all and records when each value of node_id arrives."""
+    c = http.client.HTTPSConnection(addr(i), 8442, context=CTX, timeout=10)
+    c.request("GET", "/sse?scope=all", headers={"Authorization": f"Bearer {bearer(i)}"})
+    r = c.getresponse()
+    buf = b""
+    while not stop.is_set():
+        chunk = r.read1(65536)
+        if not chunk:
+            break
+        now = time.monotonic()
+        buf += chunk
+        while b"\n\n" in buf:
+            ev, buf = buf.split(b"\n\n", 1)
+            if b"event: node" not in ev:
+                continue
+            data = ev.split(b"data: ", 1)[1]
+            n = json.loads(data)
+            if n.get("id") == node_id:
+                seen.setdefault(n["meta"]["value"], now)
+    c.close()
+
+
+def propagation():
+    up(2)
+    wait(lambda: full_mesh([1, 2]), 20)
+    call(1, "PUT", "/nodes/lat", {"type": "DataPoint", "name": "lat", "meta": {"value": -1}})
+    time.sleep(1)
+    seen, stop = {}, threading.Event()
+    th = threading.Thread(target=sse_listener, args=(2, "lat", seen, stop), daemon=True)
+    th.start()
+    time.sleep(0.5)
+    c = http.client.HTTPSConnection(addr(1), 8442, context=CTX, timeout=5)
+    sent = {}
+    for v in range(1000):
+        body = json.dumps({"value": v})
+        sent[v] = time.monotonic()
+        c.request("POST", "/nodes/lat/value", body=body,
+                  headers={"Authorization": f"Bearer {bearer(1)}", "Content-Type": "application/json"})
+        c.getresponse().read()
+        time.sleep(0.005)
+    time.sleep(1)
+    stop.set()
+    lat = sorted((seen[v] - sent[v]) * 1000 for v in sent if v in seen)
+    results["krill_lat"] = lat
+    results["krill_lost"] = 1000 - len(lat)
+    # Two Mosquitto brokers bridged, publish on one, subscribe on the other.
+    lab("kill", "1", "KILL")
+    lab("kill", "2", "KILL")
+    for i, extra in ((1, ""), (2, f"connection br\naddress {addr(1)}:1883\ntopic # both 0\n")):
+        conf = f"{DIR}/mosq{i}.conf"
+        open(conf, "w").write(f"listener 1883 {addr(i)}\nallow_anonymous true\npersistence false\n{extra}")
+        subprocess.Popen(["ip", "netns", "exec", f"{PREFIX}-{i}", "mosquitto", "-c", conf],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(2)
+    import paho.mqtt.client as mqtt  # installed by scripts/bench
+    mseen = {}
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2) if hasattr(mqtt, "CallbackAPIVersion") else mqtt.Client()
+    sub.on_message = lambda c, u, m: mseen.setdefault(int(m.payload), time.monotonic())
+    sub.connect(addr(2), 1883)
+    sub.subscribe("bench/lat", 0)
+    sub.loop_start()
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2) if hasattr(mqtt, "CallbackAPIVersion") else mqtt.Client()
+    pub.connect(addr(1), 1883)
+    pub.loop_start()
+    time.sleep(1)
+    msent = {}
+    for v in range(1000):
+        msent[v] = time.monotonic()
+        pub.publish("bench/lat", str(v), qos=0).wait_for_publish()
+        time.sleep(0.005)
+    time.sleep(1)
+    sub.loop_stop()
+    pub.loop_stop()
+    mlat = sorted((mseen[v] - msent[v]) * 1000 for v in msent if v in mseen)
+    results["mosq_lat"] = mlat
+    results["mosq_lost"] = 1000 - len(mlat)
+    subprocess.run(["pkill", "-x", "mosquitto"])
+
+
+def pct(xs, p):
+    if not xs:
+        return float("nan")
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def throughput():
+    n = 4
+    up(n)
+    wait(lambda: full_mesh(list(range(1, n + 1))), 20)
+    call(1, "PUT", "/nodes/tp", {"type": "DataPoint", "name": "tp", "meta": {"value": -1}})
+    time.sleep(1)
+    stop = threading.Event()
+    seen = [dict() for _ in range(n + 1)]
+    ths = [threading.Thread(target=sse_listener, args=(i, "tp", seen[i], stop), daemon=True) for i in range(2, n + 1)]
+    for t in ths:
+        t.start()
+    time.sleep(0.5)
+    counter = iter(range(10**9))
+    lock = threading.Lock()
+    acked = []
+    deadline = time.monotonic() + 5
+
+    def client():
+        c = http.client.HTTPSConnection(addr(1), 8442, context=CTX, timeout=5)
+        while time.monotonic() < deadline:
+            with lock:
+                v = next(counter)
+            c.request("POST", "/nodes/tp/value", body=json.dumps({"value": v}),
+                      headers={"Authorization": f"Bearer {bearer(1)}", "Content-Type": "application/json"})
+            if c.getresponse().read() and True:
+                with lock:
+                    acked.append(v)
+
+    cs = [threading.Thread(target=client) for _ in range(8)]
+    t0 = time.monotonic()
+    for c in cs:
+        c.start()
+    for c in cs:
+        c.join()
+    elapsed = time.monotonic() - t0
+    time.sleep(2)
+    stop.set()
+    last = max(acked)
+    got = [last in seen[i] for i in range(2, n + 1)]
+    results["throughput"] = (len(acked) / elapsed, all(got))
+
+
+def report():
+    os.makedirs(os.path.join(ROOT, "bench"), exist_ok=True)
+    kl, ml = results.get("krill_lat", []), results.get("mosq_lat", [])
+    # Chart: latency distributions (gnuplot).
+    data = os.path.join(ROOT, "bench", "latency.dat")
+    with open(data, "w") as f:
+        for i in range(max(len(kl), len(ml))):
+            a = kl[i] if i < len(kl) else "NaN"
+            b = ml[i] if i < len(ml) else "NaN"
+            f.write(f"{(i + 1) / max(len(kl), 1):.4f} {a} {(i + 1) / max(len(ml), 1):.4f} {b}\n")
+    png = os.path.join(ROOT, "bench", "latency.png")
+    subprocess.run(["gnuplot", "-e", f"""
+        set terminal pngcairo size 900,500; set output '{png}';
+        set title 'Propagation latency, one host to another (1000 updates)';
+        set xlabel 'latency (ms)'; set ylabel 'fraction of updates'; set logscale x; set grid;
+        set key bottom right;
+        plot '{data}' using 2:1 with lines lw 2 title 'krill (HTTPS POST -> SSE)',
+             '{data}' using 4:3 with lines lw 2 title 'Mosquitto bridge (publish -> subscribe)'
+    """], check=False)
+    os.remove(data)
+    v = subprocess.run([BIN, "--version"], capture_output=True, text=True).stdout.strip()
+    serf_v = subprocess.run(["serf", "version"], capture_output=True, text=True).stdout.splitlines()[0]
+    mosq_v = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "mosquitto"], capture_output=True, text=True).stdout
+    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
+    lines = [
+        "# krill benchmarks",
+        "",
+        f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {RUNS} runs per figure: median (min–max).",
+        f"Machine: {cpu}, {os.cpu_count()} cores, Linux {platform.release()}.",
+        f"Versions: {v}, {serf_v}, mosquitto {mosq_v}. All in the mesh lab (network namespaces on one bridge).",
+        "",
+    ]
+    if "footprint" in results:
+        lines += ["## Footprint (idle)", "", "| server | RSS | threads |", "|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} |" for a, b, c in results["footprint"]]
+        lines += ["", f"CPU per idle minute with 15 peers: krill {results['cpu_krill']}, serf {results['cpu_serf']}.",
+                  f"Stripped binary: krill {results['size'][0]}; serf {results['size'][1]}.", ""]
+    if "discovery" in results:
+        lines += ["## Discovery: last start to full membership everywhere", "", "| servers | krill | serf |", "|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} |" for a, b, c in results["discovery"]]
+        lines += [""]
+    if "failure" in results:
+        lines += ["## Failure detection: fault to every other server marking the host gone (6 servers)", "",
+                  "| fault | krill | serf (failed/left) |", "|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} |" for a, b, c in results["failure"]]
+        lines += [""]
+    if kl:
+        lines += ["## Propagation latency (1000 updates, one host to another)", "", "| | p50 | p99 | max | lost |", "|---|---|---|---|---|",
+                  f"| krill | {pct(kl, 50):.2f} ms | {pct(kl, 99):.2f} ms | {kl[-1]:.2f} ms | {results['krill_lost']} |"]
+        if ml:
+            lines += [f"| Mosquitto bridge | {pct(ml, 50):.2f} ms | {pct(ml, 99):.2f} ms | {ml[-1]:.2f} ms | {results['mosq_lost']} |"]
+        lines += ["", "![latency distributions](latency.png)", ""]
+    if "throughput" in results:
+        rate, ok = results["throughput"]
+        lines += ["## Throughput", "", f"8 clients posting to one host for 5 s: {rate:.0f} acknowledged updates/s; "
+                  f"every other host received the last one: {'yes' if ok else 'no'}.", ""]
+    open(os.path.join(ROOT, "bench", "report.md"), "w").write("\n".join(lines))
+    print("\n".join(lines))
+
+
+def main():
+    sections = sys.argv[1:] or ["footprint", "discovery", "failure", "propagation", "throughput"]
+    try:
+        for s in sections:
+            log(f"== {s}")
+            globals()[s]()
+    finally:
+        subprocess.run(["pkill", "-x", "serf"])
+        subprocess.run(["pkill", "-x", "mosquitto"])
+        lab("down")
+    report()
+
+
+if __name__ == "__main__":
+    main()
