@@ -468,7 +468,7 @@ fn subscribe(ctx: &HttpCtx, rq: Request, all: bool) {
     }
     match rx.recv_timeout(STATE_REPLY_TIMEOUT) {
         Ok(SubReply::Ok { id, initial, rx }) => {
-            let w = rq.into_writer();
+            let w = rq.into_detached_writer();
             let (counters, tx, keepalive) = (ctx.counters.clone(), ctx.tx.clone(), ctx.keepalive);
             let spawned = std::thread::Builder::new()
                 .name(format!("sse-{id}"))

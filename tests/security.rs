@@ -374,9 +374,25 @@ fn endless_headers_are_cut_off_before_any_authentication() {
         // The server stops reading early; the rest of the write may fail: fine.
         let _ = s.write_all(head.as_bytes()).and_then(|_| s.flush());
         let mut answer = Vec::new();
-        let _ = s.read_to_end(&mut answer);
-        let answer = String::from_utf8_lossy(&answer);
-        assert!(answer.starts_with("HTTP/1.1 431"), "{what}: {answer:?}");
+        // It answers 431 and closes. Closing with unread bytes makes the kernel send
+        // a reset, which may beat the 431 to us: a reset or an end of stream is the
+        // same verdict. Only a read timeout (the server still swallowing bytes) is not.
+        match s.read_to_end(&mut answer) {
+            Ok(_) => {
+                let answer = String::from_utf8_lossy(&answer);
+                assert!(
+                    answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+                    "{what}: {answer:?}"
+                );
+            }
+            Err(e) => assert!(
+                !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "{what}: the server kept reading ({e})"
+            ),
+        }
     }
     // The daemon is fine.
     assert_eq!(d.request_as("GET", "/livez", None, None).0, 200);

@@ -337,7 +337,12 @@ impl Server {
                                     let (sender, receiver) = mpsc::channel();
                                     for rq in client {
                                         messages.push(rq.with_notify_sender(sender.clone()).into());
-                                        receiver.recv().unwrap();
+                                        // krill patch: `true` = the connection was handed
+                                        // over (a detached writer): stop reading it, and
+                                        // free this thread.
+                                        if receiver.recv() != Ok(false) {
+                                            break;
+                                        }
                                     }
                                 } else {
                                     for rq in client {

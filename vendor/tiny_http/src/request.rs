@@ -73,11 +73,11 @@ pub struct Request {
     must_send_continue: bool,
 
     // If Some, a message must be sent after responding
-    notify_when_responded: Option<Sender<()>>,
+    notify_when_responded: Option<Sender<bool>>,
 }
 
 struct NotifyOnDrop<R> {
-    sender: Sender<()>,
+    sender: Sender<bool>,
     inner: R,
 }
 
@@ -96,7 +96,9 @@ impl<R: Write> Write for NotifyOnDrop<R> {
 }
 impl<R> Drop for NotifyOnDrop<R> {
     fn drop(&mut self) {
-        self.sender.send(()).unwrap();
+        // krill patch: `false` = this request is done, read the next one. The
+        // connection's thread may be gone already; that is not worth a panic.
+        let _ = self.sender.send(false);
     }
 }
 
@@ -400,6 +402,19 @@ impl Request {
         }
     }
 
+    /// krill patch: like [`Request::into_writer`], but the connection is handed over
+    /// for good (a long-lived stream such as Server-Sent Events): the thread that
+    /// reads requests from this connection stops at once instead of waiting for the
+    /// writer to be dropped. Nothing more is read from the connection; it closes
+    /// when the returned writer is dropped.
+    pub fn into_detached_writer(mut self) -> Box<dyn Write + Send + 'static> {
+        let writer = self.extract_writer_impl();
+        if let Some(sender) = self.notify_when_responded.take() {
+            let _ = sender.send(true);
+        }
+        writer
+    }
+
     /// Extract the response `Writer` object from the Request, dropping this `Writer` has the same side effects
     /// as the object returned by `into_writer` above.
     ///
@@ -435,7 +450,7 @@ impl Request {
     {
         let res = self.respond_impl(response);
         if let Some(sender) = self.notify_when_responded.take() {
-            sender.send(()).unwrap();
+            let _ = sender.send(false);
         }
         res
     }
@@ -469,7 +484,7 @@ impl Request {
         })
     }
 
-    pub(crate) fn with_notify_sender(mut self, sender: Sender<()>) -> Self {
+    pub(crate) fn with_notify_sender(mut self, sender: Sender<bool>) -> Self {
         self.notify_when_responded = Some(sender);
         self
     }
@@ -491,7 +506,7 @@ impl Drop for Request {
             let response = Response::empty(500);
             let _ = self.respond_impl(response); // ignoring any potential error
             if let Some(sender) = self.notify_when_responded.take() {
-                sender.send(()).unwrap();
+                let _ = sender.send(false);
             }
         }
     }

@@ -27,7 +27,9 @@ struct Sharing {
 }
 
 /// Minimum number of active threads.
-static MIN_THREADS: usize = 4;
+/// krill patch: no idle threads kept (upstream: 4); a thread per connection is
+/// started on demand and leaves after 5 s without work.
+static MIN_THREADS: usize = 0;
 
 struct Registration<'a> {
     nb: &'a AtomicUsize,
