@@ -296,11 +296,18 @@ impl PeerThread {
     fn exchange(&self, agent: &ureq::Agent, bearer: &str) {
         let url = format!("https://{}/network/peers", self.target);
         let auth = format!("Bearer {bearer}");
-        let r = get(agent, &url, &[("Authorization", auth), self.whoami()])
-            .and_then(|(_, r)| read_small_limited(r, EXCHANGE_BODY_LIMIT))
-            .and_then(|b| {
-                serde_json::from_str::<Exchange>(&b).map_err(|e| format!("bad /network/peers: {e}"))
-            });
+        // A second connection (the first carries the stream): closed after the answer,
+        // so it does not hold a server thread until its idle timeout.
+        let close = ("Connection", "close".to_string());
+        let r = get(
+            agent,
+            &url,
+            &[("Authorization", auth), self.whoami(), close],
+        )
+        .and_then(|(_, r)| read_small_limited(r, EXCHANGE_BODY_LIMIT))
+        .and_then(|b| {
+            serde_json::from_str::<Exchange>(&b).map_err(|e| format!("bad /network/peers: {e}"))
+        });
         match r {
             Ok(x) => {
                 let _ = self.report(PeerReport::Exchange(x.peers));

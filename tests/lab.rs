@@ -101,20 +101,22 @@ impl Lab {
         self.file(i, "log")
     }
 
-    fn agent(&mut self, i: usize) -> ureq::Agent {
-        self.agents
-            .entry(i)
-            .or_insert_with(|| {
-                let _ = rustls::crypto::ring::default_provider().install_default();
-                let pem = std::fs::read_to_string(self.dir.join(format!("{i}/state/tls/cert.pem")))
-                    .unwrap();
-                krill::tls::agent(
-                    krill::tls::Verifier::pinned(krill::tls::pem_to_der(&pem).unwrap()),
-                    Duration::from_millis(500),
-                    Duration::from_secs(2),
-                )
-            })
-            .clone()
+    /// A client pinned to host `i`'s certificate; `None` until the server has made it
+    /// (a server just started may not have written it yet).
+    fn agent(&mut self, i: usize) -> Option<ureq::Agent> {
+        if let Some(a) = self.agents.get(&i) {
+            return Some(a.clone());
+        }
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let pem = std::fs::read_to_string(self.dir.join(format!("{i}/state/tls/cert.pem"))).ok()?;
+        let der = krill::tls::pem_to_der(&pem)?;
+        let a = krill::tls::agent(
+            krill::tls::Verifier::pinned(der),
+            Duration::from_millis(500),
+            Duration::from_secs(2),
+        );
+        self.agents.insert(i, a.clone());
+        Some(a)
     }
 
     /// An authenticated call to host `i`; `None` when it does not answer.
@@ -126,7 +128,7 @@ impl Lab {
         body: Option<&Value>,
     ) -> Option<(u16, Value)> {
         let url = format!("https://{}:8442{path}", self.addr(i));
-        let req = self.agent(i).request(method, &url).set(
+        let req = self.agent(i)?.request(method, &url).set(
             "Authorization",
             &format!("Bearer {}", self.file(i, "cred/pin_derived_key")),
         );

@@ -140,6 +140,14 @@ fn scope_all_carries_mirrored_nodes_without_gaps() {
     let refs: Vec<&Daemon> = ds.iter().collect();
     assert!(wait_until(Duration::from_secs(3), || full_mesh(&refs)).is_some());
     let (a, b) = (&ds[0], &ds[1]);
+    // "connected" is reported when the stream opens, a moment before its snapshot
+    // is applied: wait for the mirror itself.
+    assert!(
+        wait_until(Duration::from_secs(2), || !b
+            .node(&a.install_id())
+            .is_null())
+        .is_some()
+    );
     let mut all = stream(b, "?scope=all", None);
     let (_, ev, snap) = next(&mut all);
     assert_eq!(ev, "snapshot");
