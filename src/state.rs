@@ -1077,7 +1077,9 @@ impl State {
             (Some(b), true) if b.has_interface() => "ok",
             (Some(_), true) => "no interface",
         };
-        let degraded = !beacon.starts_with("o");
+        // Beacons that are off by choice (or for want of a PIN) are not a fault;
+        // beacons that cannot find their interface are.
+        let degraded = beacon == "no interface";
         let connected = self
             .peers
             .values()

@@ -57,9 +57,7 @@ fn r(d: &Daemon, id: &str) -> Value {
 fn the_seed_scenario_temperature_ac_and_dashboard_webhook() {
     let root = TempDir::new("seed");
     let hook = webhook_receiver();
-    let ds = cluster(&root.0, &["a", "b", "c"], "1234", free_udp_port());
-    let refs: Vec<&Daemon> = ds.iter().collect();
-    assert!(wait_until(Duration::from_secs(3), || full_mesh(&refs)).is_some());
+    let ds = meshed(&root.0, &["a", "b", "c"], "1234", free_udp_port());
     let (a, b, c) = (&ds[0], &ds[1], &ds[2]);
 
     // Server A (living room): the temperature.
@@ -281,9 +279,7 @@ struct HookRun {
 
 fn propagation_with_webhook(tag: &str, url: &str) -> HookRun {
     let root = TempDir::new(tag);
-    let ds = cluster(&root.0, &["a", "b"], "1234", free_udp_port());
-    let refs: Vec<&Daemon> = ds.iter().collect();
-    assert!(wait_until(Duration::from_secs(3), || full_mesh(&refs)).is_some());
+    let ds = meshed(&root.0, &["a", "b"], "1234", free_udp_port());
     let (a, b) = (&ds[0], &ds[1]);
     put(
         a,
@@ -405,9 +401,7 @@ fn a_loop_between_two_servers_is_cut() {
     // a's trigger on b's y sets a's x high; b's trigger on a's x sets b's y low;
     // two more triggers flip them back: an endless ping-pong without a hop limit.
     let root = TempDir::new("loop");
-    let ds = cluster(&root.0, &["a", "b"], "1234", free_udp_port());
-    let refs: Vec<&Daemon> = ds.iter().collect();
-    assert!(wait_until(Duration::from_secs(3), || full_mesh(&refs)).is_some());
+    let ds = meshed(&root.0, &["a", "b"], "1234", free_udp_port());
     let (a, b) = (&ds[0], &ds[1]);
     put(
         a,

@@ -192,9 +192,7 @@ fn without_a_pin_only_livez_answers_until_sighup_brings_one() {
 fn client_commands_talk_to_the_local_daemon() {
     let root = TempDir::new("client");
     let bp = free_udp_port();
-    let ds = cluster(&root.0, &["alpha", "beta"], "1234", bp);
-    let refs: Vec<&Daemon> = ds.iter().collect();
-    assert!(wait_until(Duration::from_secs(3), || full_mesh(&refs)).is_some());
+    let ds = meshed(&root.0, &["alpha", "beta"], "1234", bp);
     let a = &ds[0];
     let (s, _) = a.call(
         "PUT",

@@ -77,9 +77,7 @@ fn three_daemons_form_a_mesh_and_sync_values() {
 fn sigkill_is_noticed_nodes_go_stale_and_restart_recovers() {
     let root = TempDir::new("kill");
     let bp = free_udp_port();
-    let mut ds = cluster(&root.0, &["a", "b", "c"], "1234", bp);
-    let refs: Vec<&Daemon> = ds.iter().collect();
-    assert!(wait_until(Duration::from_secs(3), || full_mesh(&refs)).is_some());
+    let mut ds = meshed(&root.0, &["a", "b", "c"], "1234", bp);
     data_point(&ds[2], "hum", json!(40));
     let cid = ds[2].install_id();
     for d in &ds[..2] {
@@ -144,9 +142,7 @@ fn sigkill_is_noticed_nodes_go_stale_and_restart_recovers() {
 fn sigterm_says_goodbye_and_exits_zero_fast() {
     let root = TempDir::new("term");
     let bp = free_udp_port();
-    let mut ds = cluster(&root.0, &["a", "b", "c"], "1234", bp);
-    let refs: Vec<&Daemon> = ds.iter().collect();
-    assert!(wait_until(Duration::from_secs(3), || full_mesh(&refs)).is_some());
+    let mut ds = meshed(&root.0, &["a", "b", "c"], "1234", bp);
     let bid = ds[1].install_id();
     let t0 = Instant::now();
     ds[1].signal(libc::SIGTERM);
@@ -227,9 +223,7 @@ fn a_silent_peer_is_noticed_by_the_read_timeout_and_returns() {
     // keep-alives. Only the 2.5 x keep-alive read timeout can notice it.
     let root = TempDir::new("stop");
     let bp = free_udp_port();
-    let ds = cluster(&root.0, &["a", "b"], "1234", bp);
-    let refs: Vec<&Daemon> = ds.iter().collect();
-    assert!(wait_until(Duration::from_secs(3), || full_mesh(&refs)).is_some());
+    let ds = meshed(&root.0, &["a", "b"], "1234", bp);
     let bid = ds[1].install_id();
     let t0 = Instant::now();
     ds[1].signal(libc::SIGSTOP);
@@ -245,7 +239,7 @@ fn a_silent_peer_is_noticed_by_the_read_timeout_and_returns() {
         ds[0].log()
     );
     let t0 = Instant::now();
-    let t = wait_until(Duration::from_secs(8), || full_mesh(&refs));
+    let t = wait_until(Duration::from_secs(8), || full_mesh(&[&ds[0], &ds[1]]));
     assert!(t.is_some(), "back after SIGCONT");
     measured("after SIGCONT: connected again", t0.elapsed());
 }

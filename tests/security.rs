@@ -35,9 +35,7 @@ fn forged_replayed_and_junk_beacons_are_dropped_and_counted() {
     let root = TempDir::new("beacons");
     let bp = free_udp_port();
     let sock = beacon_socket(bp);
-    let ds = cluster(&root.0, &["a", "b"], "1234", bp);
-    let refs: Vec<&Daemon> = ds.iter().collect();
-    assert!(wait_until(Duration::from_secs(3), || full_mesh(&refs)).is_some());
+    let ds = meshed(&root.0, &["a", "b"], "1234", bp);
     let (a, b) = (&ds[0], &ds[1]);
 
     // Capture a genuine beacon of a that b has certainly taken too: one sent after
@@ -221,9 +219,7 @@ fn limits_give_clear_errors_and_lose_nothing() {
 fn a_reinstalled_peer_with_a_valid_proof_is_re_pinned_with_a_warning() {
     let root = TempDir::new("reinstall");
     let bp = free_udp_port();
-    let mut ds = cluster(&root.0, &["a", "b"], "1234", bp);
-    let refs: Vec<&Daemon> = ds.iter().collect();
-    assert!(wait_until(Duration::from_secs(3), || full_mesh(&refs)).is_some());
+    let mut ds = meshed(&root.0, &["a", "b"], "1234", bp);
     let bid = ds[1].install_id();
     let pin_file = ds[0].dir.join(format!("state/peers/{bid}.pem"));
     let old_pin = std::fs::read_to_string(&pin_file).unwrap();
@@ -249,9 +245,7 @@ fn a_reinstalled_peer_with_a_valid_proof_is_re_pinned_with_a_warning() {
 fn a_peer_whose_proof_does_not_verify_is_refused_and_logged_at_error() {
     let root = TempDir::new("impostor");
     let bp = free_udp_port();
-    let mut ds = cluster(&root.0, &["a", "b"], "1234", bp);
-    let refs: Vec<&Daemon> = ds.iter().collect();
-    assert!(wait_until(Duration::from_secs(3), || full_mesh(&refs)).is_some());
+    let mut ds = meshed(&root.0, &["a", "b"], "1234", bp);
     let (bid, bport) = (ds[1].install_id(), ds[1].port);
     // b comes back under another PIN: its own beacons are refused by a...
     ds[1].term();
@@ -338,20 +332,9 @@ fn the_65th_sse_subscriber_gets_503_with_retry_after() {
 
 /// A raw TLS connection to `d` (pinned to its certificate).
 fn raw_tls(d: &Daemon) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
-    let pem = std::fs::read_to_string(d.dir.join("state/tls/cert.pem")).unwrap();
-    let der = krill::tls::pem_to_der(&pem).unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(krill::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(krill::tls::Verifier::pinned(der))
-        .with_no_client_auth();
-    let conn =
-        rustls::ClientConnection::new(std::sync::Arc::new(cfg), "localhost".try_into().unwrap())
-            .unwrap();
     let tcp = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    rustls::StreamOwned::new(conn, tcp)
+    tls_client(d, tcp)
 }
 
 #[test]

@@ -136,9 +136,7 @@ fn keepalive_comments_flow_on_a_quiet_stream() {
 fn scope_all_carries_mirrored_nodes_without_gaps() {
     let root = TempDir::new("scope");
     let bp = free_udp_port();
-    let ds = cluster(&root.0, &["a", "b"], "1234", bp);
-    let refs: Vec<&Daemon> = ds.iter().collect();
-    assert!(wait_until(Duration::from_secs(3), || full_mesh(&refs)).is_some());
+    let ds = meshed(&root.0, &["a", "b"], "1234", bp);
     let (a, b) = (&ds[0], &ds[1]);
     // "connected" is reported when the stream opens, a moment before its snapshot
     // is applied: wait for the mirror itself.
@@ -198,7 +196,6 @@ fn scope_all_carries_mirrored_nodes_without_gaps() {
 #[test]
 fn a_subscriber_that_never_reads_is_dropped_not_buffered() {
     use std::io::Write;
-    use std::sync::Arc;
     let root = TempDir::new("slow");
     let mut d = Daemon::new(&root.0, "a", "1234", free_udp_port(), "");
     d.start();
@@ -208,17 +205,7 @@ fn a_subscriber_that_never_reads_is_dropped_not_buffered() {
     sock.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], d.port)).into())
         .unwrap();
     let tcp: std::net::TcpStream = sock.into();
-    let pem = std::fs::read_to_string(d.dir.join("state/tls/cert.pem")).unwrap();
-    let der = krill::tls::pem_to_der(&pem).unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(krill::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(krill::tls::Verifier::pinned(der))
-        .with_no_client_auth();
-    let conn =
-        rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let mut tls = tls_client(&d, tcp);
     write!(
         tls,
         "GET /sse?scope=all HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",

@@ -330,6 +330,36 @@ pub fn cluster(root: &Path, names: &[&str], pin: &str, beacon_port: u16) -> Vec<
     ds
 }
 
+/// Starts `names` like [`cluster`] and asserts they form a full mesh within 3 s.
+pub fn meshed(root: &Path, names: &[&str], pin: &str, beacon_port: u16) -> Vec<Daemon> {
+    let ds = cluster(root, names, pin, beacon_port);
+    let refs: Vec<&Daemon> = ds.iter().collect();
+    assert!(
+        wait_until(Duration::from_secs(3), || full_mesh(&refs)).is_some(),
+        "no full mesh of {names:?} within 3 s"
+    );
+    ds
+}
+
+/// A TLS client over `tcp` that trusts exactly `d`'s certificate (for tests that
+/// need the raw stream: header floods, a reader that never reads).
+pub fn tls_client(
+    d: &Daemon,
+    tcp: std::net::TcpStream,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let pem = std::fs::read_to_string(d.dir.join("state/tls/cert.pem")).unwrap();
+    let der = krill::tls::pem_to_der(&pem).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(krill::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(krill::tls::Verifier::pinned(der))
+        .with_no_client_auth();
+    let name = "localhost".try_into().unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
 /// True when every daemon lists every other as connected.
 pub fn full_mesh(ds: &[&Daemon]) -> bool {
     let ids: Vec<String> = ds.iter().map(|d| d.install_id()).collect();
