@@ -85,6 +85,8 @@ pub struct Config {
     pub beacons: bool,
     /// Static peers, `host:port`.
     pub peers: Vec<String>,
+    /// Requests authenticated and routed at once. Each connection is served on a
+    /// thread of its own; waiting for the disk or another server holds no slot.
     pub http_threads: usize,
     pub max_nodes: usize,
     pub log_level: log::LevelFilter,
@@ -150,7 +152,10 @@ pub const KEYS: &[(&str, &str)] = &[
         "peer_ttl_s",
         "seconds before a vanished peer leaves the table",
     ),
-    ("http_threads", "HTTPS worker threads"),
+    (
+        "http_threads",
+        "requests routed at once (each connection has its own thread)",
+    ),
     ("max_nodes", "most nodes this server owns"),
     ("log_level", "error, warn, info, debug or trace"),
 ];

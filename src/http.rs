@@ -127,29 +127,57 @@ pub fn start(cfg: &Config, ctx: Arc<HttpCtx>) -> Result<SocketAddr, String> {
         certificate: ctx.identity.cert_pem.clone().into_bytes(),
         private_key: ctx.identity.key_pem.clone().into_bytes(),
     };
-    let server = Arc::new(
-        tiny_http::Server::from_listener(listener, Some(ssl))
-            .map_err(|e| format!("cannot start HTTPS on {addr}: {e}"))?,
-    );
-    for i in 0..cfg.http_threads {
-        let (server, ctx) = (server.clone(), ctx.clone());
-        std::thread::Builder::new()
-            .name(format!("http-{i}"))
-            .stack_size(512 * 1024)
-            .spawn(move || {
-                loop {
-                    match server.recv() {
-                        Ok(rq) => handle(&ctx, rq),
-                        Err(e) => {
-                            log::warn!("HTTPS listener: {e}");
-                            std::thread::sleep(Duration::from_millis(100));
-                        }
-                    }
-                }
-            })
-            .map_err(|e| format!("cannot start HTTP worker: {e}"))?;
-    }
+    let slots = Arc::new(Slots::new(cfg.http_threads));
+    let handler: Arc<dyn Fn(Request) + Send + Sync> = Arc::new(move |rq| {
+        let next = {
+            let _slot = slots.acquire();
+            route(&ctx, rq)
+        };
+        finish(&ctx, next);
+    });
+    let server = tiny_http::Server::from_listener_inline(listener, Some(ssl), handler)
+        .map_err(|e| format!("cannot start HTTPS on {addr}: {e}"))?;
+    // The server runs on its own threads until the process ends.
+    std::mem::forget(server);
     Ok(addr)
+}
+
+fn done((): ()) -> Next {
+    Next::Done
+}
+
+/// At most `n` requests are routed at once (`http_threads`); waiting for the state
+/// owner or another server does not hold a slot.
+struct Slots {
+    free: Mutex<usize>,
+    cv: parking_lot::Condvar,
+}
+
+struct Slot<'a>(&'a Slots);
+
+impl Slots {
+    fn new(n: usize) -> Slots {
+        Slots {
+            free: Mutex::new(n.max(1)),
+            cv: parking_lot::Condvar::new(),
+        }
+    }
+
+    fn acquire(&self) -> Slot<'_> {
+        let mut free = self.free.lock();
+        while *free == 0 {
+            self.cv.wait(&mut free);
+        }
+        *free -= 1;
+        Slot(self)
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock() += 1;
+        self.0.cv.notify_one();
+    }
 }
 
 fn json_response(status: u16, body: String) -> Response<std::io::Cursor<Vec<u8>>> {
@@ -204,7 +232,25 @@ fn query_param(query: &str, key: &str) -> Option<String> {
         .map(|(_, v)| pct_decode(v))
 }
 
-fn handle(ctx: &HttpCtx, rq: Request) {
+/// What is left of a request once it is routed: the parts that wait (for the state
+/// owner, the disk, another server) and so do not hold an `http_threads` slot.
+enum Next {
+    Done,
+    Call(Request, Call),
+    Subscribe(Request, bool),
+}
+
+fn finish(ctx: &HttpCtx, next: Next) {
+    match next {
+        Next::Done => {}
+        Next::Call(rq, call) => call_state(ctx, rq, call),
+        Next::Subscribe(rq, all) => subscribe(ctx, rq, all),
+    }
+}
+
+/// Authenticates, reads and checks a request; answers it when that is all there is
+/// to do.
+fn route(ctx: &HttpCtx, rq: Request) -> Next {
     let url = rq.url().to_string();
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -213,14 +259,14 @@ fn handle(ctx: &HttpCtx, rq: Request) {
 
     // Routes without authentication.
     match segs.as_slice() {
-        ["livez"] => return respond(ctx, rq, 200, r#"{"status":"ok"}"#.into()),
+        ["livez"] => return done(respond(ctx, rq, 200, r#"{"status":"ok"}"#.into())),
         ["trust"] => {
             let Some(keys) = ctx.keys.read().clone() else {
-                return error(ctx, rq, 503, "no cluster PIN set");
+                return done(error(ctx, rq, 503, "no cluster PIN set"));
             };
             let proof = tls::proof(&keys.trust_key, &ctx.install_id, &ctx.identity.cert_der);
             let body = json!({"installId": ctx.install_id, "certPem": ctx.identity.cert_pem, "proof": proof});
-            return respond(ctx, rq, 200, body.to_string());
+            return done(respond(ctx, rq, 200, body.to_string()));
         }
         _ => {}
     }
@@ -234,22 +280,22 @@ fn handle(ctx: &HttpCtx, rq: Request) {
             | ["network", "peers" | "stats"]
     );
     if !known {
-        return error(ctx, rq, 404, "no such route");
+        return done(error(ctx, rq, 404, "no such route"));
     }
     let Some(keys) = ctx.keys.read().clone() else {
-        return error(ctx, rq, 503, "no cluster PIN set");
+        return done(error(ctx, rq, 503, "no cluster PIN set"));
     };
     let ip = remote.unwrap_or(IpAddr::from([0, 0, 0, 0]));
     if let Verdict::Locked { warn } = ctx.limiter.lock().check(ip, Instant::now()) {
         if warn {
             log::warn!("{ip} is locked out for failed bearer tokens; answering 429");
         }
-        return error(
+        return done(error(
             ctx,
             rq,
             429,
             "too many failed attempts; try again in a minute",
-        );
+        ));
     }
     let token = header(&rq, "Authorization")
         .and_then(|v| v.strip_prefix("Bearer "))
@@ -261,7 +307,7 @@ fn handle(ctx: &HttpCtx, rq: Request) {
                 proto::AUTH_MAX_FAILURES
             );
         }
-        return error(ctx, rq, 401, "unauthorized");
+        return done(error(ctx, rq, 401, "unauthorized"));
     }
     // A peer names itself: the state owner dials it back at this source address.
     if let (Some(ip), Some((install_id, port))) = (
@@ -280,11 +326,7 @@ fn handle(ctx: &HttpCtx, rq: Request) {
             observed: remote.map(|a| a.to_string()).unwrap_or_default(),
         },
         (Method::Get, ["sse"]) => {
-            return subscribe(
-                ctx,
-                rq,
-                query_param(query, "scope").as_deref() == Some("all"),
-            );
+            return Next::Subscribe(rq, query_param(query, "scope").as_deref() == Some("all"));
         }
         (Method::Get, ["nodes"]) => Call::Nodes {
             host: query_param(query, "host"),
@@ -293,8 +335,8 @@ fn handle(ctx: &HttpCtx, rq: Request) {
         (Method::Put, ["nodes", id]) => {
             let id = id.to_string();
             match read_json(ctx, rq) {
-                Ok((rq, body)) => return call_state(ctx, rq, Call::Put { id, body }),
-                Err(()) => return,
+                Ok((rq, body)) => return Next::Call(rq, Call::Put { id, body }),
+                Err(()) => return Next::Done,
             }
         }
         (Method::Delete, ["nodes", id]) => Call::Delete { id: id.to_string() },
@@ -302,12 +344,12 @@ fn handle(ctx: &HttpCtx, rq: Request) {
             let id = id.to_string();
             let (rq, body) = match read_json(ctx, rq) {
                 Ok(x) => x,
-                Err(()) => return,
+                Err(()) => return Next::Done,
             };
             let hops = hops_of(&body);
             match crate::node::parse_value_body(&body) {
-                Ok(value) => return call_state(ctx, rq, Call::SetValue { id, value, hops }),
-                Err(e) => return error(ctx, rq, 400, &e),
+                Ok(value) => return Next::Call(rq, Call::SetValue { id, value, hops }),
+                Err(e) => return done(error(ctx, rq, 400, &e)),
             }
         }
         (Method::Post, ["nodes", id, "invoke"]) => {
@@ -315,13 +357,12 @@ fn handle(ctx: &HttpCtx, rq: Request) {
             // The body is optional: {"hops": n, "invoker": {...}} when a peer asks.
             let (rq, body) = match read_json_or_empty(ctx, rq) {
                 Ok(x) => x,
-                Err(()) => return,
+                Err(()) => return Next::Done,
             };
             let invoker = body
                 .get("invoker")
                 .and_then(|v| serde_json::from_value(v.clone()).ok());
-            return call_state(
-                ctx,
+            return Next::Call(
                 rq,
                 Call::Invoke {
                     id,
@@ -335,15 +376,15 @@ fn handle(ctx: &HttpCtx, rq: Request) {
         },
         (Method::Get, ["network", "stats"]) => Call::Stats,
         _ => {
-            return error(
+            return done(error(
                 ctx,
                 rq,
                 405,
                 &format!("method {method} not allowed on {path}"),
-            );
+            ));
         }
     };
-    call_state(ctx, rq, call);
+    Next::Call(rq, call)
 }
 
 /// The automation hop count a peer passed along (0 from a person or client).

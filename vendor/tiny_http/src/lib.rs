@@ -247,7 +247,27 @@ impl Server {
         listener: L,
         ssl_config: Option<SslConfig>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
-        let listener = listener.into();
+        Self::build(listener.into(), ssl_config, None)
+    }
+
+    /// krill patch: like [`Server::from_listener`], but every request is passed to
+    /// `handler` on the thread that read it from its connection, instead of being
+    /// queued for [`Server::recv`]. Each connection already has a thread of its own,
+    /// so a handler that waits (for a disk write, another server) holds up only its
+    /// own client, and a request costs no hand-over between threads.
+    pub fn from_listener_inline<L: Into<Listener>>(
+        listener: L,
+        ssl_config: Option<SslConfig>,
+        handler: Arc<dyn Fn(Request) + Send + Sync>,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        Self::build(listener.into(), ssl_config, Some(handler))
+    }
+
+    fn build(
+        listener: Listener,
+        ssl_config: Option<SslConfig>,
+        handler: Option<Arc<dyn Fn(Request) + Send + Sync>>,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         // building the "close" variable
         let close_trigger = Arc::new(AtomicBool::new(false));
 
@@ -329,6 +349,7 @@ impl Server {
                 match new_client {
                     Ok(client) => {
                         let messages = inside_messages.clone();
+                        let handler = handler.clone();
                         let mut client = Some(client);
                         tasks_pool.spawn(Box::new(move || {
                             if let Some(client) = client.take() {
@@ -336,7 +357,11 @@ impl Server {
                                 if client.secure() {
                                     let (sender, receiver) = mpsc::channel();
                                     for rq in client {
-                                        messages.push(rq.with_notify_sender(sender.clone()).into());
+                                        let rq = rq.with_notify_sender(sender.clone());
+                                        match handler {
+                                            Some(ref h) => h(rq),
+                                            None => messages.push(rq.into()),
+                                        }
                                         // krill patch: `true` = the connection was handed
                                         // over (a detached writer): stop reading it, and
                                         // free this thread.
@@ -346,7 +371,10 @@ impl Server {
                                     }
                                 } else {
                                     for rq in client {
-                                        messages.push(rq.into());
+                                        match handler {
+                                            Some(ref h) => h(rq),
+                                            None => messages.push(rq.into()),
+                                        }
                                     }
                                 }
                             }
