@@ -142,10 +142,6 @@ pub fn start(cfg: &Config, ctx: Arc<HttpCtx>) -> Result<SocketAddr, String> {
     Ok(addr)
 }
 
-fn done((): ()) -> Next {
-    Next::Done
-}
-
 /// At most `n` requests are routed at once (`http_threads`); waiting for the state
 /// owner or another server does not hold a slot.
 struct Slots {
@@ -188,13 +184,14 @@ fn json_response(status: u16, body: String) -> Response<std::io::Cursor<Vec<u8>>
     r.with_header(Header::from_bytes("Content-Type", "application/json").expect("valid header"))
 }
 
-fn respond(ctx: &HttpCtx, rq: Request, status: u16, body: String) {
+fn respond(ctx: &HttpCtx, rq: Request, status: u16, body: String) -> Next {
     ctx.counters.add(&ctx.counters.data_sent, body.len() as u64);
     let _ = rq.respond(json_response(status, body));
+    Next::Done
 }
 
-fn error(ctx: &HttpCtx, rq: Request, status: u16, msg: &str) {
-    respond(ctx, rq, status, json!({ "error": msg }).to_string());
+fn error(ctx: &HttpCtx, rq: Request, status: u16, msg: &str) -> Next {
+    respond(ctx, rq, status, json!({ "error": msg }).to_string())
 }
 
 fn header<'a>(rq: &'a Request, name: &'static str) -> Option<&'a str> {
@@ -243,8 +240,12 @@ enum Next {
 fn finish(ctx: &HttpCtx, next: Next) {
     match next {
         Next::Done => {}
-        Next::Call(rq, call) => call_state(ctx, rq, call),
-        Next::Subscribe(rq, all) => subscribe(ctx, rq, all),
+        Next::Call(rq, call) => {
+            call_state(ctx, rq, call);
+        }
+        Next::Subscribe(rq, all) => {
+            subscribe(ctx, rq, all);
+        }
     }
 }
 
@@ -259,14 +260,14 @@ fn route(ctx: &HttpCtx, rq: Request) -> Next {
 
     // Routes without authentication.
     match segs.as_slice() {
-        ["livez"] => return done(respond(ctx, rq, 200, r#"{"status":"ok"}"#.into())),
+        ["livez"] => return respond(ctx, rq, 200, r#"{"status":"ok"}"#.into()),
         ["trust"] => {
             let Some(keys) = ctx.keys.read().clone() else {
-                return done(error(ctx, rq, 503, "no cluster PIN set"));
+                return error(ctx, rq, 503, "no cluster PIN set");
             };
             let proof = tls::proof(&keys.trust_key, &ctx.install_id, &ctx.identity.cert_der);
             let body = json!({"installId": ctx.install_id, "certPem": ctx.identity.cert_pem, "proof": proof});
-            return done(respond(ctx, rq, 200, body.to_string()));
+            return respond(ctx, rq, 200, body.to_string());
         }
         _ => {}
     }
@@ -280,22 +281,22 @@ fn route(ctx: &HttpCtx, rq: Request) -> Next {
             | ["network", "peers" | "stats"]
     );
     if !known {
-        return done(error(ctx, rq, 404, "no such route"));
+        return error(ctx, rq, 404, "no such route");
     }
     let Some(keys) = ctx.keys.read().clone() else {
-        return done(error(ctx, rq, 503, "no cluster PIN set"));
+        return error(ctx, rq, 503, "no cluster PIN set");
     };
     let ip = remote.unwrap_or(IpAddr::from([0, 0, 0, 0]));
     if let Verdict::Locked { warn } = ctx.limiter.lock().check(ip, Instant::now()) {
         if warn {
             log::warn!("{ip} is locked out for failed bearer tokens; answering 429");
         }
-        return done(error(
+        return error(
             ctx,
             rq,
             429,
             "too many failed attempts; try again in a minute",
-        ));
+        );
     }
     let token = header(&rq, "Authorization")
         .and_then(|v| v.strip_prefix("Bearer "))
@@ -307,7 +308,7 @@ fn route(ctx: &HttpCtx, rq: Request) -> Next {
                 proto::AUTH_MAX_FAILURES
             );
         }
-        return done(error(ctx, rq, 401, "unauthorized"));
+        return error(ctx, rq, 401, "unauthorized");
     }
     // A peer names itself: the state owner dials it back at this source address.
     if let (Some(ip), Some((install_id, port))) = (
@@ -349,7 +350,7 @@ fn route(ctx: &HttpCtx, rq: Request) -> Next {
             let hops = hops_of(&body);
             match crate::node::parse_value_body(&body) {
                 Ok(value) => return Next::Call(rq, Call::SetValue { id, value, hops }),
-                Err(e) => return done(error(ctx, rq, 400, &e)),
+                Err(e) => return error(ctx, rq, 400, &e),
             }
         }
         (Method::Post, ["nodes", id, "invoke"]) => {
@@ -376,12 +377,12 @@ fn route(ctx: &HttpCtx, rq: Request) -> Next {
         },
         (Method::Get, ["network", "stats"]) => Call::Stats,
         _ => {
-            return done(error(
+            return error(
                 ctx,
                 rq,
                 405,
                 &format!("method {method} not allowed on {path}"),
-            ));
+            );
         }
     };
     Next::Call(rq, call)
@@ -438,7 +439,7 @@ fn read_json_or_empty(ctx: &HttpCtx, mut rq: Request) -> Result<(Request, Value)
     }
 }
 
-fn call_state(ctx: &HttpCtx, rq: Request, call: Call) {
+fn call_state(ctx: &HttpCtx, rq: Request, call: Call) -> Next {
     let is_health = matches!(call, Call::Health { .. });
     let (tx, rx) = crossbeam_channel::bounded(1);
     if ctx.tx.send(Event::Call { call, reply: tx }).is_err() {
@@ -496,7 +497,7 @@ fn forward(
     )
 }
 
-fn subscribe(ctx: &HttpCtx, rq: Request, all: bool) {
+fn subscribe(ctx: &HttpCtx, rq: Request, all: bool) -> Next {
     let (tx, rx) = crossbeam_channel::bounded(1);
     let last_event_id = header(&rq, "Last-Event-ID").map(str::to_string);
     let ev = Event::Subscribe {
@@ -522,6 +523,7 @@ fn subscribe(ctx: &HttpCtx, rq: Request, all: bool) {
                 log::error!("cannot start an SSE thread: {e}");
                 let _ = ctx.tx.send(Event::Unsubscribe(id));
             }
+            Next::Done
         }
         Ok(SubReply::TooMany) => {
             let body = json!({"error": format!("too many SSE subscribers (max {})", proto::MAX_SSE_SUBSCRIBERS)});
@@ -530,6 +532,7 @@ fn subscribe(ctx: &HttpCtx, rq: Request, all: bool) {
                     .expect("valid header"),
             );
             let _ = rq.respond(r);
+            Next::Done
         }
         Err(_) => error(ctx, rq, 503, "the state thread did not answer in time"),
     }
