@@ -5,9 +5,11 @@
 //!
 //! ```text
 //! krill-load --post ADDR:PORT --watch ADDR:PORT[,ADDR:PORT...] --bearer TOKEN
-//!            --node ID [--conns 32] [--secs 5] [--rate 0]
+//!            --node ID [--conns 32] [--secs 5] [--rate 0] [--batch 1]
 //! ```
 //! `--rate` is the offered total rate in updates/s (0: as fast as acknowledged).
+//! `--batch K` sends K values per request with `POST /values` instead of one
+//! `POST /nodes/{id}/value` each.
 //! Prints one JSON line: offered and acknowledged rates, errors, and per watcher how
 //! many acknowledged values it never saw and how many snapshots (resyncs) it got.
 //! Values are unique integers: connection `c` of `C` posts `c, c+C, c+2C, ...`.
@@ -27,6 +29,7 @@ struct Args {
     conns: usize,
     secs: f64,
     rate: f64,
+    batch: usize,
 }
 
 fn args() -> Args {
@@ -38,6 +41,7 @@ fn args() -> Args {
         conns: 32,
         secs: 5.0,
         rate: 0.0,
+        batch: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -51,6 +55,7 @@ fn args() -> Args {
             "--node" => a.node = v,
             "--conns" => a.conns = v.parse().unwrap_or_else(|_| die("--conns: a number")),
             "--secs" => a.secs = v.parse().unwrap_or_else(|_| die("--secs: a number")),
+            "--batch" => a.batch = v.parse().unwrap_or_else(|_| die("--batch: a number")),
             "--rate" => a.rate = v.parse().unwrap_or_else(|_| die("--rate: a number")),
             _ => die(&format!("unknown option {k}")),
         }
@@ -162,9 +167,14 @@ fn post(a: &Args, c: usize, start: Instant, deadline: Instant) -> (Vec<u64>, u64
         Duration::from_secs(3),
         Duration::from_secs(10),
     );
-    let url = format!("https://{}/nodes/{}/value", a.post, a.node);
+    let url = if a.batch > 1 {
+        format!("https://{}/values", a.post)
+    } else {
+        format!("https://{}/nodes/{}/value", a.post, a.node)
+    };
     let auth = format!("Bearer {}", a.bearer);
-    let per_conn = a.rate / a.conns as f64;
+    // Requests per second for this connection.
+    let per_conn = a.rate / a.batch as f64 / a.conns as f64;
     let (mut acked, mut errors) = (Vec::new(), 0u64);
     let mut k = 0u64;
     loop {
@@ -178,20 +188,36 @@ fn post(a: &Args, c: usize, start: Instant, deadline: Instant) -> (Vec<u64>, u64
         if Instant::now() >= deadline {
             break;
         }
-        let v = c as u64 + k * a.conns as u64;
+        let values: Vec<u64> = (0..a.batch as u64)
+            .map(|j| c as u64 + (k * a.batch as u64 + j) * a.conns as u64)
+            .collect();
         k += 1;
+        let body = if a.batch > 1 {
+            let items: Vec<_> = values
+                .iter()
+                .map(|v| serde_json::json!({"id": a.node, "value": v}))
+                .collect();
+            serde_json::json!({ "values": items }).to_string()
+        } else {
+            format!("{{\"value\":{}}}", values[0])
+        };
         match ag
             .post(&url)
             .set("Authorization", &auth)
             .set("Content-Type", "application/json")
-            .send_string(&format!("{{\"value\":{v}}}"))
+            .send_string(&body)
         {
             Ok(r) => {
                 let mut sink = Vec::new();
                 let _ = r.into_reader().read_to_end(&mut sink);
-                acked.push(v);
+                acked.extend(values);
             }
-            Err(_) => errors += 1,
+            Err(e) => {
+                if errors == 0 {
+                    eprintln!("krill-load: post: {e}");
+                }
+                errors += 1;
+            }
         }
     }
     (acked, errors)
@@ -248,6 +274,8 @@ fn main() {
     }
     let line = serde_json::json!({
         "offered": a.rate,
+        "batch": a.batch,
+        "conns": a.conns,
         "acked": acked.len(),
         "rate": acked.len() as f64 / elapsed,
         "errors": errors,

@@ -278,6 +278,7 @@ fn route(ctx: &HttpCtx, rq: Request) -> Next {
             | ["nodes"]
             | ["nodes", _]
             | ["nodes", _, "value" | "invoke"]
+            | ["values"]
             | ["network", "peers" | "stats"]
     );
     if !known {
@@ -350,6 +351,16 @@ fn route(ctx: &HttpCtx, rq: Request) -> Next {
             let hops = hops_of(&body);
             match crate::node::parse_value_body(&body) {
                 Ok(value) => return Next::Call(rq, Call::SetValue { id, value, hops }),
+                Err(e) => return error(ctx, rq, 400, &e),
+            }
+        }
+        (Method::Post, ["values"]) => {
+            let (rq, body) = match read_json(ctx, rq) {
+                Ok(x) => x,
+                Err(()) => return Next::Done,
+            };
+            match crate::node::parse_values_body(&body) {
+                Ok(items) => return Next::Call(rq, Call::SetValues { items }),
                 Err(e) => return error(ctx, rq, 400, &e),
             }
         }

@@ -338,12 +338,72 @@ pub fn parse_value_body(body: &Value) -> Result<Value, String> {
     Ok(v.clone())
 }
 
+/// The body of `POST /values`: `{"values":[{"id":"…","value":…},…]}`, at most
+/// [`proto::MAX_BATCH_VALUES`] entries. Errors name the entry (`values[3].id`).
+pub fn parse_values_body(body: &Value) -> Result<Vec<(String, Value)>, String> {
+    let list = body
+        .as_object()
+        .and_then(|o| o.get("values"))
+        .and_then(Value::as_array)
+        .ok_or_else(|| {
+            "body must be {\"values\": [{\"id\": ..., \"value\": ...}, ...]}".to_string()
+        })?;
+    if list.is_empty() {
+        return Err(field_err("values", "is empty"));
+    }
+    if list.len() > crate::proto::MAX_BATCH_VALUES {
+        return Err(field_err(
+            "values",
+            format!("more than {} entries", crate::proto::MAX_BATCH_VALUES),
+        ));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let id = e
+                .get("id")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| field_err(&format!("values[{i}].id"), "must be a node id"))?;
+            let v = e
+                .get("value")
+                .ok_or_else(|| field_err(&format!("values[{i}].value"), "is missing"))?;
+            check_value_at(v, &format!("values[{i}].value"))?;
+            Ok((id.to_string(), v.clone()))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
     const ME: &str = "11111111-2222-4333-8444-555555555555";
+
+    #[test]
+    fn value_batches_are_checked_entry_by_entry() {
+        let ok =
+            parse_values_body(&json!({"values":[{"id":"a","value":1},{"id":"b","value":"x"}]}))
+                .unwrap();
+        assert_eq!(ok, vec![("a".into(), json!(1)), ("b".into(), json!("x"))]);
+        let e =
+            parse_values_body(&json!({"values":[{"id":"a","value":1},{"value":2}]})).unwrap_err();
+        assert!(e.contains("values[1].id"), "{e}");
+        let e = parse_values_body(&json!({"values":[{"id":"a","value":[1]}]})).unwrap_err();
+        assert!(e.contains("values[0].value"), "{e}");
+        assert!(
+            parse_values_body(&json!({"values":[]}))
+                .unwrap_err()
+                .contains("empty")
+        );
+        assert!(parse_values_body(&json!({"value":1})).is_err());
+        let many: Vec<_> = (0..=crate::proto::MAX_BATCH_VALUES)
+            .map(|i| json!({"id":"a","value":i}))
+            .collect();
+        let e = parse_values_body(&json!({ "values": many })).unwrap_err();
+        assert!(e.contains("more than"), "{e}");
+    }
 
     #[test]
     fn good_data_point() {

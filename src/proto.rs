@@ -59,6 +59,10 @@ pub const KNOWN_PEERS_FILE: &str = "known_peers.json";
 
 /// Request body limit (413 past it).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Most values in one `POST /values` batch (a krill extension, docs/protocol.md): a
+/// full batch of small values fits well inside `MAX_BODY_BYTES`, and the state owner
+/// spends well under a millisecond on it.
+pub const MAX_BATCH_VALUES: usize = 1000;
 /// Longest SSE line a reader accepts before it drops the stream.
 pub const MAX_SSE_LINE_BYTES: usize = 1024 * 1024;
 /// Most peers in the table.

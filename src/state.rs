@@ -105,6 +105,10 @@ pub enum Call {
         value: Value,
         hops: u32,
     },
+    /// `POST /values`: several own data points at once, all or none.
+    SetValues {
+        items: Vec<(String, Value)>,
+    },
     Invoke {
         id: String,
         hops: u32,
@@ -1055,6 +1059,14 @@ impl State {
                 }
                 Err(r) => r,
             },
+            Call::SetValues { items } => match self.set_values(items) {
+                Ok(n) => {
+                    let ok = Reply::json(200, &json!({ "updated": n }));
+                    self.pending_acks.push(ack_with(reply, ok));
+                    return;
+                }
+                Err(r) => r,
+            },
             Call::Invoke { id, hops, invoker } => self.invoke_call(&id, hops, invoker),
             Call::Peers { healthy_only } => {
                 let peers: Vec<Value> = self
@@ -1227,6 +1239,39 @@ impl State {
         }
         self.set_own_value(id, value, hops)
             .map_err(|e| Reply::error(409, e))
+    }
+
+    /// A batch of values for own data points: every entry is checked first, so a bad
+    /// one changes nothing. Nodes owned elsewhere are refused (send them to their
+    /// owner), not forwarded: a batch is one write on one server.
+    fn set_values(&mut self, items: Vec<(String, Value)>) -> Result<usize, Reply> {
+        for (i, (id, _)) in items.iter().enumerate() {
+            match self.own.get(id) {
+                Some(n) if n.kind == node::DATA_POINT => {}
+                Some(n) => {
+                    let msg = format!("values[{i}]: node {id} is a {}, not a DataPoint", n.kind);
+                    return Err(Reply::error(409, msg));
+                }
+                None => {
+                    return Err(match self.owned_elsewhere(id) {
+                        Some(n) => Reply::error(
+                            409,
+                            format!(
+                                "values[{i}]: node {id} belongs to {}; send it to that server",
+                                short(&n.host)
+                            ),
+                        ),
+                        None => Reply::error(404, format!("values[{i}]: no node {id}")),
+                    });
+                }
+            }
+        }
+        let n = items.len();
+        for (id, value) in items {
+            self.set_own_value(&id, value, 0)
+                .expect("checked above: an own DataPoint");
+        }
+        Ok(n)
     }
 
     /// Sets an own DataPoint's value and runs what watches it.
