@@ -278,3 +278,101 @@ fn with_no_peer_connected_known_peers_are_dialled_again() {
             .contains("no connected peers: dialling static and known peers again")
     );
 }
+
+#[test]
+fn a_batch_of_values_is_all_or_nothing_and_reaches_the_peer() {
+    let root = TempDir::new("batch");
+    let bp = free_udp_port();
+    let mut ds = meshed(&root.0, &["a", "b"], "1234", bp);
+    data_point(&ds[0], "t1", json!(0));
+    data_point(&ds[0], "t2", json!(0));
+    data_point(&ds[1], "far", json!(0));
+    let body = json!({"values": [{"id": "t1", "value": 1}, {"id": "t2", "value": "on"}, {"id": "t1", "value": 3}]});
+    let (s, r) = ds[0].call("POST", "/values", Some(&body));
+    assert_eq!((s, &r), (200, &json!({"updated": 3})));
+    let (t1, t2) = (ds[0].node("t1"), ds[0].node("t2"));
+    assert_eq!(t1["meta"]["value"], json!(3));
+    assert_eq!(
+        t1["version"],
+        json!(3),
+        "every entry is a change of its own"
+    );
+    assert_eq!(t2["meta"]["value"], json!("on"));
+    let seen = wait_until(Duration::from_secs(2), || {
+        ds[1].node("t1")["meta"]["value"] == json!(3)
+            && ds[1].node("t2")["meta"]["value"] == json!("on")
+    });
+    assert!(seen.is_some(), "the peer mirrors the batch");
+
+    // A bad entry anywhere changes nothing, and the error names it.
+    for (bad, status, names) in [
+        (
+            json!({"values": [{"id": "t1", "value": 9}, {"id": "nope", "value": 1}]}),
+            404,
+            "values[1]",
+        ),
+        (
+            json!({"values": [{"id": "t1", "value": 9}, {"id": "far", "value": 1}]}),
+            409,
+            "values[1]",
+        ),
+        (
+            json!({"values": [{"id": "t1", "value": 9}, {"id": "t2", "value": {"x": 1}}]}),
+            400,
+            "values[1].value",
+        ),
+        (json!({"values": []}), 400, "empty"),
+    ] {
+        let (s, r) = ds[0].call("POST", "/values", Some(&bad));
+        assert_eq!(s, status, "{bad}: {r}");
+        assert!(r["error"].as_str().unwrap().contains(names), "{r}");
+        assert_eq!(
+            ds[0].node("t1")["meta"]["value"],
+            json!(3),
+            "nothing applied"
+        );
+    }
+
+    // Acknowledged means on disk: SIGKILL right after, and the batch is still there.
+    let many: Vec<_> = (0..500).map(|i| json!({"id": "t2", "value": i})).collect();
+    let (s, _) = ds[0].call("POST", "/values", Some(&json!({ "values": many })));
+    assert_eq!(s, 200);
+    ds[0].kill9();
+    ds[0].start();
+    assert_eq!(ds[0].node("t2")["meta"]["value"], json!(499));
+}
+
+#[test]
+fn many_connections_writing_at_once_are_all_answered_and_all_land() {
+    // Each connection is served on its own thread: 32 clients posting at once all
+    // get answers, and the values all land.
+    let root = TempDir::new("conc");
+    let bp = free_udp_port();
+    let mut d = Daemon::new(&root.0, "a", "1234", bp, "http_threads = 1");
+    d.start();
+    data_point(&d, "c", json!(0));
+    let d = std::sync::Arc::new(d);
+    let t0 = Instant::now();
+    let hs: Vec<_> = (0..32)
+        .map(|i| {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                let (s, body) = d.call(
+                    "POST",
+                    "/values",
+                    Some(&json!({"values": [{"id": "c", "value": i}]})),
+                );
+                assert_eq!(s, 200, "{body}");
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    measured("32 concurrent batch writes, http_threads = 1", t0.elapsed());
+    assert_eq!(
+        d.node("c")["version"],
+        json!(33),
+        "32 changes after the first"
+    );
+}
