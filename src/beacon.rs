@@ -263,7 +263,7 @@ pub fn spawn_receiver(
                 }
                 if tx
                     .send(Event::Beacon {
-                        beacon: b,
+                        beacon: Box::new(b),
                         from: from.ip(),
                         fresh,
                     })

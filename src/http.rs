@@ -453,7 +453,14 @@ fn read_json_or_empty(ctx: &HttpCtx, mut rq: Request) -> Result<(Request, Value)
 fn call_state(ctx: &HttpCtx, rq: Request, call: Call) -> Next {
     let is_health = matches!(call, Call::Health { .. });
     let (tx, rx) = crossbeam_channel::bounded(1);
-    if ctx.tx.send(Event::Call { call, reply: tx }).is_err() {
+    if ctx
+        .tx
+        .send(Event::Call {
+            call: Box::new(call),
+            reply: tx,
+        })
+        .is_err()
+    {
         return error(ctx, rq, 503, "shutting down");
     }
     match rx.recv_timeout(STATE_REPLY_TIMEOUT) {

@@ -180,7 +180,7 @@ impl PeerThread {
             .send(Event::Peer {
                 install_id: self.install_id.clone(),
                 generation: self.generation,
-                report,
+                report: Box::new(report),
             })
             .is_ok()
     }

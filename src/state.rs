@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use parking_lot::RwLock;
 use serde_json::{Value, json};
 
@@ -155,17 +155,19 @@ pub struct Reload {
 
 pub enum Event {
     Beacon {
-        beacon: Beacon,
+        /// Boxed, like the other large payloads, to keep `Event` small: the
+        /// channel's slots are allocated up front.
+        beacon: Box<Beacon>,
         from: IpAddr,
         fresh: Freshness,
     },
     Peer {
         install_id: String,
         generation: u64,
-        report: PeerReport,
+        report: Box<PeerReport>,
     },
     Call {
-        call: Call,
+        call: Box<Call>,
         reply: Sender<Reply>,
     },
     Subscribe {
@@ -559,13 +561,13 @@ impl State {
                 beacon,
                 from,
                 fresh,
-            } => self.on_beacon(beacon, from, fresh),
+            } => self.on_beacon(*beacon, from, fresh),
             Event::Peer {
                 install_id,
                 generation,
                 report,
-            } => self.on_peer_report(&install_id, generation, report),
-            Event::Call { call, reply } => self.on_call(call, reply),
+            } => self.on_peer_report(&install_id, generation, *report),
+            Event::Call { call, reply } => self.on_call(*call, reply),
             Event::Subscribe {
                 scope_all,
                 last_event_id,
@@ -932,17 +934,14 @@ impl State {
             if !own && !s.all {
                 return true;
             }
-            match s.tx.try_send(f.clone()) {
-                Ok(()) => true,
-                Err(TrySendError::Full(_)) => {
-                    log::info!(
-                        "SSE subscriber {} cannot keep up; dropped (it will resync)",
-                        s.id
-                    );
-                    false
-                }
-                Err(TrySendError::Disconnected(_)) => false,
+            if s.tx.len() >= proto::SSE_SUBSCRIBER_QUEUE {
+                log::info!(
+                    "SSE subscriber {} cannot keep up; dropped (it will resync)",
+                    s.id
+                );
+                return false;
             }
+            s.tx.send(f.clone()).is_ok()
         });
     }
 
@@ -993,7 +992,10 @@ impl State {
                 .collect(),
             None => vec![self.snapshot_frame(all)],
         };
-        let (tx, rx) = crossbeam_channel::bounded(proto::SSE_SUBSCRIBER_QUEUE);
+        // Bounded by the length check in `emit`: an unbounded channel allocates its
+        // slots as they fill (a bounded one holds all 4096 from the start, 64 KiB
+        // per subscriber however idle).
+        let (tx, rx) = crossbeam_channel::unbounded();
         let id = self.next_sub;
         self.next_sub += 1;
         self.subs.push(Subscriber { id, all, tx });

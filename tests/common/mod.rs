@@ -31,12 +31,21 @@ impl Drop for TempDir {
     }
 }
 
+/// A free TCP port below the kernel's ephemeral range (32768 and up), so that no
+/// client connection of another test can take it as its source port between now
+/// and the daemon's bind (seen once under a loaded suite: "Address already in use").
+/// Each test process starts at an offset of its own pid and checks by binding.
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 20_000 + (std::process::id() % 500) * 24;
+    for _ in 0..12_000 {
+        let port = 20_000 + (base - 20_000 + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free TCP port in 20000-31999")
 }
 
 pub fn free_udp_port() -> u16 {
