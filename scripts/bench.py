@@ -235,6 +235,7 @@ def footprint():
         time.sleep(20)
         cpu.append((cpu_seconds(pid_of(1)) - c0) * 3)
     results["cpu_krill"] = fmt(med(cpu), " s", digits=2)
+    results["cpu15"] = med(cpu)[0] if cpu else None
     # Serf in the same 16-host lab.
     srss, sthr, scpu, sanon = [], [], [], []
     for _ in range(RUNS):
@@ -312,6 +313,7 @@ def failure():
             for p in procs:
                 p.kill()
         rows.append((fault, fmt(med(k), " s", digits=2), fmt(med(s), " s", digits=2)))
+        results.setdefault("failure_num", {})[fault] = (med(k), med(s))
     results["failure"] = rows
 
 
@@ -449,9 +451,53 @@ def throughput():
             best.append(sustained)
             top.append(limit)
         lim = [t for t in top if t]
+        results.setdefault("tp_num", {})[mode] = med(best)
         rows.append((mode, conns, fmt(med(best), "/s"),
                      "; ".join(f"offered {o}/s: {a:.0f}/s acknowledged, {lost} lost" for o, a, lost in lim) or "not reached"))
     results["throughput"] = rows
+
+
+def targets(kl, ml):
+    """The issue's targets, each met or not with the measured ratio."""
+    rows = []
+
+    def row(what, value, limit, ok):
+        rows.append(f"| {what} | {value} | {limit} | {'met' if ok else '**not met**'} |")
+
+    def m(x):
+        return x[0] if isinstance(x, tuple) else None
+
+    if "rss15" in results:
+        k, sf = results["rss15"]
+        if k and sf:
+            row("idle RSS, 15 peers", f"{k:.1f} MiB ({k / 8:.2f} of 8 MiB, {k / sf:.2f} of Serf's {sf:.1f})",
+                "≤ 8 MiB and ≤ 0.5 × Serf", k <= 8 and k <= sf / 2)
+        t = results.get("threads15")
+        if t:
+            row("threads, 15 peers", f"{t:.0f} ({t / 36:.2f} of 36)", "≤ 6 + 2 × 15 = 36", t <= 36)
+        c = results.get("cpu15")
+        if c is not None:
+            row("idle CPU, 15 peers", f"{c:.2f} s/min ({c / 0.5:.2f} of 0.5)", "< 0.5 s/min", c < 0.5)
+    f = results.get("failure_num", {})
+    if "link down" in f:
+        k, sf = m(f["link down"][0]), m(f["link down"][1])
+        if k is not None and sf is not None:
+            row("silent failure (link down)", f"{k:.2f} s ({k / 3:.2f} of 3 s, {k / sf:.2f} of Serf's {sf:.2f} s)",
+                "≤ 3 s and faster than Serf", k <= 3 and k < sf)
+    if "SIGTERM" in f and m(f["SIGTERM"][0]) is not None:
+        k = m(f["SIGTERM"][0])
+        row("SIGTERM noticed", f"{k:.2f} s ({k / 0.5:.2f} of 0.5 s)", "< 0.5 s", k < 0.5)
+    if kl and ml:
+        a, b = pct(kl, 99), pct(ml, 99)
+        row("propagation p99", f"{a:.2f} ms ({a / 5:.2f} of 5 ms, {a / b:.2f} of Mosquitto's {b:.2f} ms)",
+            "≤ 5 ms and ≤ Mosquitto bridge", a <= 5 and a <= b)
+    for mode, v in results.get("tp_num", {}).items():
+        x = m(v)
+        if x is not None:
+            row(f"throughput, {mode}", f"{x:.0f}/s ({x / 20000:.2f} of 20 000)", "≥ 20 000/s, none lost", x >= 20000)
+    if not rows:
+        return []
+    return ["## Targets (issue 7)", "", "| target | measured (ratio) | limit | |", "|---|---|---|---|"] + rows + [""]
 
 
 def report():
@@ -520,6 +566,7 @@ def report():
                   "| sending | connections | sustained | tops out |", "|---|---|---|---|"]
         lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in results["throughput"]]
         lines += [""]
+    lines += targets(kl, ml)
     open(os.path.join(ROOT, "bench", "report.md"), "w").write("\n".join(lines))
     print("\n".join(lines))
 
