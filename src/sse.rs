@@ -91,7 +91,8 @@ impl<R: Read> Reader<R> {
     pub fn new(inner: R) -> Self {
         Reader {
             inner,
-            buf: Vec::with_capacity(8192),
+            // Grows to the longest event seen; most are a few hundred bytes.
+            buf: Vec::with_capacity(1024),
             start: 0,
             bytes: 0,
         }

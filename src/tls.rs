@@ -222,12 +222,16 @@ impl ServerCertVerifier for Verifier {
 
 /// A blocking HTTPS client that trusts only what `verifier` accepts.
 pub fn agent(verifier: Arc<Verifier>, dial: Duration, read: Duration) -> ureq::Agent {
-    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("ring supports the default TLS versions")
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
+    // A client lives for one peer session and talks to one server: room for a couple
+    // of resumable sessions is plenty (the default store preallocates 256 entries,
+    // 15 KiB per client, a few percent of an idle server's memory with 15 peers).
+    cfg.resumption = rustls::client::Resumption::in_memory_sessions(2);
     ureq::AgentBuilder::new()
         .tls_config(Arc::new(cfg))
         .timeout_connect(dial)
