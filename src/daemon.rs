@@ -35,6 +35,7 @@ pub struct RunArgs {
 
 /// Runs the daemon; returns the exit status.
 pub fn run(cfg: Config, args: RunArgs) -> i32 {
+    util::tune_malloc();
     logging::init(cfg.log_level);
     let _ = rustls::crypto::ring::default_provider().install_default();
     match start(cfg, args) {

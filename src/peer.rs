@@ -365,6 +365,9 @@ impl PeerThread {
         // Peer exchange: on connect, then every few minutes (on a second connection
         // of the same client, so the stream keeps flowing).
         self.exchange(&agent, &keys.bearer);
+        // The handshakes and the exchange are the deepest this thread goes; the
+        // reading loop below needs a fraction of that stack.
+        util::release_stack();
         let mut next_exchange = Instant::now() + t.peer_exchange_interval;
         let mut reader = sse::Reader::new(resp.into_reader());
         let mut counted = 0;
@@ -412,6 +415,7 @@ impl PeerThread {
             };
             if Instant::now() >= next_exchange {
                 self.exchange(&agent, &keys.bearer);
+                util::release_stack();
                 next_exchange = Instant::now() + t.peer_exchange_interval;
             }
             let report = match ev.event.as_str() {

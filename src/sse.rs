@@ -34,45 +34,61 @@ pub fn parse_event_id(id: &str) -> Option<(&str, u64)> {
 
 pub const HEADERS: &str = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\nX-Accel-Buffering: no\r\n\r\n";
 
-/// Bytes of frames gathered before a write (a batch is flushed at its end anyway).
+/// Bytes of frames gathered into one write (one TLS record, one send) before it goes
+/// out; a batch is written at its end anyway.
 const WRITE_BUFFER: usize = 16 * 1024;
+
+/// Buffer kept between batches; a larger one (a burst) is given back, so an idle
+/// subscriber holds a few hundred bytes, not [`WRITE_BUFFER`].
+const IDLE_BUFFER: usize = 1024;
 
 /// Serves one subscriber: headers, the initial frames, then whatever the state owner
 /// queues, with a `:` comment after every `keepalive` of silence. Returns when the
 /// client goes away or the state owner drops the queue (slow subscriber, shutdown).
 pub fn serve(
-    w: Box<dyn Write + Send>,
+    mut w: Box<dyn Write + Send>,
     initial: Vec<Arc<Frame>>,
     rx: Receiver<Arc<Frame>>,
     keepalive: Duration,
     counters: &Counters,
 ) -> io::Result<()> {
-    // Under the buffer, every write is a TLS record and a send(2): the frames of one
-    // batch go out as one (this was a fifth of a busy server's CPU).
-    let mut w = io::BufWriter::with_capacity(WRITE_BUFFER, w);
-    let put = |w: &mut io::BufWriter<Box<dyn Write + Send>>, s: &str| -> io::Result<()> {
-        w.write_all(s.as_bytes())?;
-        counters.add(&counters.data_sent, s.len() as u64);
+    // Every write under here is a TLS record and a send(2): the frames already
+    // queued go out as one (one write per frame was a fifth of a busy server's CPU).
+    let mut buf: Vec<u8> = Vec::new();
+    let send = |w: &mut Box<dyn Write + Send>, buf: &mut Vec<u8>| -> io::Result<()> {
+        w.write_all(buf)?;
+        w.flush()?;
+        counters.add(&counters.data_sent, buf.len() as u64);
+        buf.clear();
+        if buf.capacity() > IDLE_BUFFER {
+            *buf = Vec::new();
+        }
         Ok(())
     };
-    put(&mut w, HEADERS)?;
+    buf.extend_from_slice(HEADERS.as_bytes());
     for f in &initial {
-        put(&mut w, &f.text)?;
+        buf.extend_from_slice(f.text.as_bytes());
+        if buf.len() >= WRITE_BUFFER {
+            send(&mut w, &mut buf)?;
+        }
     }
-    w.flush()?;
+    drop(initial);
+    send(&mut w, &mut buf)?;
     loop {
         match rx.recv_timeout(keepalive) {
             Ok(f) => {
-                put(&mut w, &f.text)?;
-                // Write everything already queued before one flush.
-                while let Ok(f) = rx.try_recv() {
-                    put(&mut w, &f.text)?;
+                buf.extend_from_slice(f.text.as_bytes());
+                while buf.len() < WRITE_BUFFER {
+                    match rx.try_recv() {
+                        Ok(f) => buf.extend_from_slice(f.text.as_bytes()),
+                        Err(_) => break,
+                    }
                 }
             }
-            Err(RecvTimeoutError::Timeout) => put(&mut w, ":\n\n")?,
+            Err(RecvTimeoutError::Timeout) => buf.extend_from_slice(b":\n\n"),
             Err(RecvTimeoutError::Disconnected) => return Ok(()),
         }
-        w.flush()?;
+        send(&mut w, &mut buf)?;
     }
 }
 

@@ -143,6 +143,64 @@ pub fn ensure_dir(dir: &Path, mode: u32) -> io::Result<()> {
 }
 
 /// This machine's host name, or `krill` when it has none.
+/// glibc's malloc, set for a small long-running daemon before any thread starts.
+/// Measured with 15 peers (scripts/bench), together 0.3-0.4 MiB less resident:
+/// - `M_ARENA_MAX` 2: by default every thread that allocates may get an arena of its
+///   own (up to 8 per core), each keeping its own free memory; krill's threads mostly
+///   wait, so two arenas are enough and the rest of that memory is not held.
+/// - `M_TRIM_THRESHOLD` 64 KiB (default 128 KiB, and raised further as large blocks
+///   are freed): free memory at the top of a heap is given back sooner.
+pub fn tune_malloc() {
+    // SAFETY: mallopt only sets allocator parameters; called before threads start.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD);
+    }
+}
+
+const MALLOC_ARENAS: libc::c_int = 2;
+const MALLOC_TRIM_THRESHOLD: libc::c_int = 64 * 1024;
+
+/// Gives back to the kernel the pages of this thread's stack that lie below the
+/// current frame (keeping [`STACK_KEEP`] for what is called next), as glibc does for
+/// a thread that ends. For a long-lived thread after a deep one-off call: a peer
+/// thread's TLS handshake touches about 24 KiB more stack than its reading loop ever
+/// uses again, and with 15 peers that was 0.3 MiB held for nothing. Nothing below
+/// the stack pointer is live, so this changes no data; a page used again is simply
+/// faulted back in as zeroes. Does nothing outside a thread stack glibc reports.
+pub fn release_stack() {
+    let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
+    // SAFETY: the attr is initialised by pthread_getattr_np before it is read, and
+    // destroyed once; madvise gets page-aligned addresses inside this thread's own
+    // stack mapping, strictly below the current frame.
+    unsafe {
+        if libc::pthread_getattr_np(libc::pthread_self(), attr.as_mut_ptr()) != 0 {
+            return;
+        }
+        let mut low: *mut libc::c_void = std::ptr::null_mut();
+        let mut size: libc::size_t = 0;
+        let got = libc::pthread_attr_getstack(attr.as_ptr(), &mut low, &mut size) == 0;
+        libc::pthread_attr_destroy(attr.as_mut_ptr());
+        let here = &low as *const _ as usize;
+        let (low, high) = (low as usize, low as usize + size);
+        if !got || here <= low || here >= high {
+            return;
+        }
+        let page = match libc::sysconf(libc::_SC_PAGESIZE) {
+            p if p > 0 => p as usize,
+            _ => return,
+        };
+        let low = low.next_multiple_of(page);
+        let end = here.saturating_sub(STACK_KEEP) & !(page - 1);
+        if end > low {
+            libc::madvise(low as *mut libc::c_void, end - low, libc::MADV_DONTNEED);
+        }
+    }
+}
+
+/// Stack kept below the current frame by [`release_stack`].
+const STACK_KEEP: usize = 8 * 1024;
+
 pub fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
@@ -161,6 +219,61 @@ pub fn short(id: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
+
+    /// Resident KiB of the mapping that holds `addr` (this thread's stack).
+    fn rss_of_mapping(addr: usize) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((a, b)) = range.split_once('-') {
+                    if let (Ok(a), Ok(b)) =
+                        (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                    {
+                        inside = a <= addr && addr < b;
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(v) = line.strip_prefix("Rss:") {
+                    return v.trim().trim_end_matches(" kB").parse().unwrap();
+                }
+            }
+        }
+        panic!("no mapping holds {addr:#x}");
+    }
+
+    #[inline(never)]
+    fn deep(n: usize) -> u64 {
+        let a = std::hint::black_box([n as u8; 1024]);
+        if n == 0 {
+            return a[0] as u64;
+        }
+        deep(n - 1) + a[1023] as u64
+    }
+
+    #[test]
+    fn release_stack_gives_back_what_lies_below_and_keeps_what_is_live() {
+        std::thread::Builder::new()
+            .stack_size(1024 * 1024)
+            .spawn(|| {
+                let canary = std::hint::black_box([7u8; 4096]);
+                let here = &canary as *const _ as usize;
+                assert_eq!(deep(300), (0..=300u64).map(|n| n % 256).sum::<u64>());
+                let before = rss_of_mapping(here);
+                release_stack();
+                let after = rss_of_mapping(here);
+                assert!(before >= after + 200, "{before} KiB -> {after} KiB");
+                assert!(canary.iter().all(|&b| b == 7), "live frames untouched");
+                // The stack is usable again to the same depth.
+                assert_eq!(deep(300), (0..=300u64).map(|n| n % 256).sum::<u64>());
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
     use super::*;
 
     #[test]

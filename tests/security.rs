@@ -383,6 +383,50 @@ fn endless_headers_are_cut_off_before_any_authentication() {
 }
 
 #[test]
+fn a_request_asking_to_close_is_answered_with_connection_close_and_closed() {
+    // A pooling client (ureq, in every peer) keeps a connection unless the answer
+    // says it closes; the server must both say it and do it.
+    use std::io::{Read, Write};
+    let root = TempDir::new("connclose");
+    let mut d = Daemon::new(&root.0, "a", "1234", free_udp_port(), "");
+    d.start();
+    let mut s = raw_tls(&d);
+    s.write_all(b"GET /livez HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    s.flush().unwrap();
+    let mut answer = Vec::new();
+    // read_to_end returns only once the server has closed (a timeout fails it).
+    let r = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    let head = answer
+        .split("\r\n\r\n")
+        .next()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(head.contains("\r\nconnection: close"), "{head:?}");
+    if let Err(e) = r {
+        assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the server kept the connection open: {e}"
+        );
+    }
+    // Without it, the connection stays open for the next request and says nothing.
+    let mut s = raw_tls(&d);
+    s.write_all(b"GET /livez HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    s.flush().unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head:?}");
+    assert!(!head.contains("connection: close"), "{head:?}");
+}
+
+#[test]
 fn a_peer_with_too_many_nodes_is_mirrored_only_up_to_max_nodes() {
     // b may own 10 nodes; a mirrors at most 5 of any peer's.
     let root = TempDir::new("mirrorcap");

@@ -372,6 +372,17 @@ where
                 Header::from_bytes(&b"Connection"[..], &b"upgrade"[..]).unwrap(),
             );
             transfer_encoding = None;
+        } else if request_headers
+            .iter()
+            .any(|h| h.field.equiv("Connection") && h.value.as_str().to_ascii_lowercase().contains("close"))
+        {
+            // krill patch: the connection closes after this response (client.rs), and
+            // RFC 9112 9.6 says to tell the client so; without it a pooling client
+            // (ureq) keeps the dead connection and its buffers until it next tries it.
+            self.headers.insert(
+                0,
+                Header::from_bytes(&b"Connection"[..], &b"close"[..]).unwrap(),
+            );
         }
 
         // if the transfer encoding is identity, the content length must be known ; therefore if
