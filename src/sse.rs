@@ -103,54 +103,79 @@ pub struct Event {
 /// Reads events from a stream, refusing lines over [`proto::MAX_SSE_LINE_BYTES`].
 pub struct Reader<R> {
     inner: R,
+    /// `buf[start..end]` is read and not yet returned; `buf[end..]` is room that the
+    /// next read fills directly (zeroed once when the buffer grows, never per read).
     buf: Vec<u8>,
     start: usize,
+    end: usize,
+    /// `buf[start..scanned]` holds no newline: a long line arriving in small reads
+    /// is searched once, not once per read.
+    scanned: usize,
     /// Bytes read so far (for stats).
     pub bytes: u64,
 }
+
+/// Room a reader starts with: most events are a few hundred bytes, and the stream
+/// under it (ureq) buffers 8 KiB already.
+const READ_ROOM: usize = 1024;
+/// A buffer grown past this for one long event (a snapshot) shrinks back to
+/// [`READ_ROOM`] once it is drained, so a peer stream does not keep it for good.
+const READ_ROOM_KEEP: usize = 64 * 1024;
 
 impl<R: Read> Reader<R> {
     pub fn new(inner: R) -> Self {
         Reader {
             inner,
-            // Grows to the longest event seen; most are a few hundred bytes.
-            buf: Vec::with_capacity(1024),
+            buf: vec![0; READ_ROOM],
             start: 0,
+            end: 0,
+            scanned: 0,
             bytes: 0,
         }
     }
 
     fn line(&mut self) -> io::Result<Option<String>> {
         loop {
-            if let Some(pos) = self.buf[self.start..].iter().position(|&b| b == b'\n') {
-                let end = self.start + pos;
-                let mut line = &self.buf[self.start..end];
+            let pending = &self.buf[self.start..self.end];
+            let from = self.scanned.saturating_sub(self.start);
+            if let Some(pos) = pending[from..].iter().position(|&b| b == b'\n') {
+                let pos = from + pos;
+                let mut line = &pending[..pos];
                 if line.last() == Some(&b'\r') {
                     line = &line[..line.len() - 1];
                 }
                 let s = String::from_utf8(line.to_vec()).map_err(|_| {
                     io::Error::new(io::ErrorKind::InvalidData, "SSE line is not UTF-8")
                 })?;
-                self.start = end + 1;
+                self.start += pos + 1;
+                self.scanned = self.start;
                 return Ok(Some(s));
             }
-            if self.buf.len() - self.start > proto::MAX_SSE_LINE_BYTES {
+            if pending.len() > proto::MAX_SSE_LINE_BYTES {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "SSE line over 1 MiB",
                 ));
             }
+            if self.start == self.end && self.buf.len() > READ_ROOM_KEEP {
+                self.buf = vec![0; READ_ROOM];
+                (self.start, self.end) = (0, 0);
+            }
             if self.start > 0 {
-                self.buf.drain(..self.start);
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
                 self.start = 0;
             }
-            let mut chunk = [0u8; 16 * 1024];
-            let n = self.inner.read(&mut chunk)?;
+            self.scanned = self.end;
+            if self.end == self.buf.len() {
+                self.buf.resize(self.buf.len() * 2, 0);
+            }
+            let n = self.inner.read(&mut self.buf[self.end..])?;
             if n == 0 {
                 return Ok(None);
             }
             self.bytes += n as u64;
-            self.buf.extend_from_slice(&chunk[..n]);
+            self.end += n;
         }
     }
 
@@ -229,6 +254,32 @@ mod tests {
         assert_eq!((e.event.as_str(), e.data.as_str()), ("message", "a\nb"));
         assert_eq!(r.next_event().unwrap(), None);
         assert_eq!(r.bytes as usize, text.len());
+    }
+
+    /// A reader handing out a few bytes per read, to cross every buffer boundary.
+    struct Trickle<'a>(&'a [u8], usize);
+    impl Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let n = self.1.min(out.len()).min(self.0.len());
+            out[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn reader_handles_events_split_across_reads_and_longer_than_its_room() {
+        let long = "y".repeat(3 * READ_ROOM_KEEP);
+        let text = format!("event: a\ndata: {long}\n\nevent: b\ndata: 1\n\n");
+        for step in [1, 7, 4096, 1 << 20] {
+            let mut r = Reader::new(Trickle(text.as_bytes(), step));
+            let e = r.next_event().unwrap().unwrap();
+            assert_eq!((e.event.as_str(), e.data.len()), ("a", long.len()));
+            let e = r.next_event().unwrap().unwrap();
+            assert_eq!((e.event.as_str(), e.data.as_str()), ("b", "1"));
+            assert_eq!(r.next_event().unwrap(), None);
+            assert!(r.buf.len() <= READ_ROOM_KEEP, "room kept: {}", r.buf.len());
+        }
     }
 
     #[test]
