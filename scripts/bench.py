@@ -576,11 +576,17 @@ def report():
     serf_v = subprocess.run(["serf", "version"], capture_output=True, text=True).stdout.splitlines()[0]
     mosq_v = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "mosquitto"], capture_output=True, text=True).stdout
     cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
+    started = os.environ.get("BENCH_STARTED")
+    whole = ""
+    if started:
+        t = time.time() - int(started)
+        whole = f"; the whole `scripts/bench`, installs and build included: {t // 60:.0f} min {t % 60:.0f} s"
     lines = [
         "# krill benchmarks",
         "",
         f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {RUNS} runs per figure: median (min–max).",
         f"Machine: {cpu}, {os.cpu_count()} cores, Linux {platform.release()}.",
+        f"Sections took: {', '.join(results.get('took', []))}{whole}.",
         f"Versions: {v}, serf {serf_v.split()[-1]}, mosquitto {mosq_v}. All in the mesh lab (network namespaces on one bridge).",
         "krill finds peers by multicast beacons; Serf agents join the first agent (its mDNS discovery",
         "polls IPv6, which the lab does not route). A Serf failure counts when every other agent says",
@@ -637,7 +643,11 @@ def main():
     try:
         for s in sections:
             log(f"== {s}")
+            t0 = time.monotonic()
             globals()[s]()
+            took = time.monotonic() - t0
+            results.setdefault("took", []).append(f"{s} {took:.0f} s")
+            log(f"== {s}: {took:.0f} s")
     finally:
         subprocess.run(["pkill", "-x", "serf"])
         subprocess.run(["pkill", "-x", "mosquitto"])
