@@ -26,6 +26,21 @@ pub fn frame_text(session: &str, seq: u64, event: &str, data: &str) -> String {
     format!("id: {session}:{seq}\nevent: {event}\ndata: {data}\n\n")
 }
 
+/// [`frame_text`] of `data` serialized as compact JSON, written in one buffer sized
+/// for a typical node (growing it step by step, then copying the JSON into the
+/// frame, was a tenth of a busy mirroring server's CPU).
+pub fn frame_json(session: &str, seq: u64, event: &str, data: &impl serde::Serialize) -> String {
+    let mut out = Vec::with_capacity(FRAME_CAPACITY);
+    // Writes to a Vec cannot fail, and the nodes' JSON always serializes.
+    let _ = write!(out, "id: {session}:{seq}\nevent: {event}\ndata: ");
+    serde_json::to_writer(&mut out, data).expect("frames serialize");
+    out.extend_from_slice(b"\n\n");
+    String::from_utf8(out).expect("serde_json writes UTF-8")
+}
+
+/// Room a frame starts with: a data point's event is 300-500 bytes.
+const FRAME_CAPACITY: usize = 640;
+
 /// Splits a `Last-Event-ID` into session and sequence.
 pub fn parse_event_id(id: &str) -> Option<(&str, u64)> {
     let (s, n) = id.trim().rsplit_once(':')?;
@@ -54,6 +69,7 @@ pub fn serve(
 ) -> io::Result<()> {
     // Every write under here is a TLS record and a send(2): the frames already
     // queued go out as one (one write per frame was a fifth of a busy server's CPU).
+    // A frame that comes alone is written as it is, without a copy.
     let mut buf: Vec<u8> = Vec::new();
     let send = |w: &mut Box<dyn Write + Send>, buf: &mut Vec<u8>| -> io::Result<()> {
         w.write_all(buf)?;
@@ -77,7 +93,16 @@ pub fn serve(
     loop {
         match rx.recv_timeout(keepalive) {
             Ok(f) => {
+                let Ok(next) = rx.try_recv() else {
+                    w.write_all(f.text.as_bytes())?;
+                    w.flush()?;
+                    counters.add(&counters.data_sent, f.text.len() as u64);
+                    continue;
+                };
+                // A batch: one buffer of the size it may reach, no growing.
+                buf.reserve(WRITE_BUFFER + f.text.len() + next.text.len());
                 buf.extend_from_slice(f.text.as_bytes());
+                buf.extend_from_slice(next.text.as_bytes());
                 while buf.len() < WRITE_BUFFER {
                     match rx.try_recv() {
                         Ok(f) => buf.extend_from_slice(f.text.as_bytes()),
@@ -234,6 +259,11 @@ mod tests {
     fn frames_and_ids() {
         let t = frame_text("s1", 7, "node", "{\"a\":1}");
         assert_eq!(t, "id: s1:7\nevent: node\ndata: {\"a\":1}\n\n");
+        let v = serde_json::json!({"a": 1, "s": "x\ny"});
+        assert_eq!(
+            frame_json("s1", 7, "node", &v),
+            frame_text("s1", 7, "node", &v.to_string())
+        );
         assert_eq!(parse_event_id("abc-def:12"), Some(("abc-def", 12)));
         assert_eq!(parse_event_id("nope"), None);
         assert_eq!(parse_event_id("s:x"), None);
