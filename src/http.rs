@@ -452,7 +452,7 @@ fn read_json_or_empty(ctx: &HttpCtx, mut rq: Request) -> Result<(Request, Value)
 
 fn call_state(ctx: &HttpCtx, rq: Request, call: Call) -> Next {
     let is_health = matches!(call, Call::Health { .. });
-    let (tx, rx) = crossbeam_channel::bounded(1);
+    let (tx, rx) = util::oneshot();
     if ctx
         .tx
         .send(Event::Call {
@@ -464,8 +464,8 @@ fn call_state(ctx: &HttpCtx, rq: Request, call: Call) -> Next {
         return error(ctx, rq, 503, "shutting down");
     }
     match rx.recv_timeout(STATE_REPLY_TIMEOUT) {
-        Ok(Reply::Json { status, body }) => respond(ctx, rq, status, body),
-        Ok(Reply::Forward {
+        Some(Reply::Json { status, body }) => respond(ctx, rq, status, body),
+        Some(Reply::Forward {
             install_id,
             name,
             address,
@@ -486,12 +486,12 @@ fn call_state(ctx: &HttpCtx, rq: Request, call: Call) -> Next {
             });
             respond(ctx, rq, status, body)
         }
-        Err(_) if is_health => {
+        None if is_health => {
             let body = json!({"status": "degraded", "installId": ctx.install_id,
                 "components": {"listener": "ok", "state": "not answering"}});
             respond(ctx, rq, 503, body.to_string())
         }
-        Err(_) => error(ctx, rq, 503, "the state thread did not answer in time"),
+        None => error(ctx, rq, 503, "the state thread did not answer in time"),
     }
 }
 

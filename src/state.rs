@@ -168,7 +168,7 @@ pub enum Event {
     },
     Call {
         call: Box<Call>,
-        reply: Sender<Reply>,
+        reply: util::OneTx<Reply>,
     },
     Subscribe {
         scope_all: bool,
@@ -405,7 +405,7 @@ pub struct Parts {
 
 type Ack = store::Done;
 
-fn ack_with(reply: Sender<Reply>, ok: Reply) -> Ack {
+fn ack_with(reply: util::OneTx<Reply>, ok: Reply) -> Ack {
     Box::new(move |r| {
         let _ = reply.send(match r {
             Ok(()) => ok,
@@ -1028,7 +1028,7 @@ impl State {
             .map(|n| self.present(n))
     }
 
-    fn on_call(&mut self, call: Call, reply: Sender<Reply>) {
+    fn on_call(&mut self, call: Call, reply: util::OneTx<Reply>) {
         let r = match call {
             Call::Health { observed } => self.health(&observed),
             Call::Nodes { host } => {

@@ -4,6 +4,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Lowercase hex of `bytes`.
@@ -198,6 +199,66 @@ pub fn release_stack() {
     }
 }
 
+/// A channel for one answer whose receiver sleeps in the kernel at once. A
+/// crossbeam receiver spins and calls `sched_yield` about eight times before it
+/// sleeps; a connection waiting for the state owner (and, for a write, the disk)
+/// always sleeps, and those yields were a tenth of a busy server's CPU. Dropping
+/// the sender without sending wakes the receiver at once, as a channel would.
+pub fn oneshot<T>() -> (OneTx<T>, OneRx<T>) {
+    let slot = Arc::new(OneSlot {
+        state: parking_lot::Mutex::new((None, false)),
+        ready: parking_lot::Condvar::new(),
+    });
+    (OneTx(slot.clone()), OneRx(slot))
+}
+
+struct OneSlot<T> {
+    /// The answer, and whether the sender is gone.
+    state: parking_lot::Mutex<(Option<T>, bool)>,
+    ready: parking_lot::Condvar,
+}
+
+/// The sending half of [`oneshot`].
+pub struct OneTx<T>(Arc<OneSlot<T>>);
+
+/// The receiving half of [`oneshot`].
+pub struct OneRx<T>(Arc<OneSlot<T>>);
+
+impl<T> OneTx<T> {
+    /// Hands over the answer; `Err` gives it back when the receiver is gone.
+    pub fn send(self, value: T) -> Result<(), T> {
+        if Arc::strong_count(&self.0) == 1 {
+            return Err(value);
+        }
+        self.0.state.lock().0 = Some(value);
+        Ok(())
+        // Drop wakes the receiver.
+    }
+}
+
+impl<T> Drop for OneTx<T> {
+    fn drop(&mut self) {
+        self.0.state.lock().1 = true;
+        self.0.ready.notify_one();
+    }
+}
+
+impl<T> OneRx<T> {
+    /// The answer; `None` when the sender went away without one or `limit` passed.
+    pub fn recv_timeout(&self, limit: std::time::Duration) -> Option<T> {
+        let deadline = std::time::Instant::now() + limit;
+        let mut state = self.0.state.lock();
+        loop {
+            if let Some(v) = state.0.take() {
+                return Some(v);
+            }
+            if state.1 || self.0.ready.wait_until(&mut state, deadline).timed_out() {
+                return state.0.take();
+            }
+        }
+    }
+}
+
 /// Stack kept below the current frame by [`release_stack`].
 const STACK_KEEP: usize = 8 * 1024;
 
@@ -251,6 +312,33 @@ mod tests {
             return a[0] as u64;
         }
         deep(n - 1) + a[1023] as u64
+    }
+
+    #[test]
+    fn oneshot_hands_over_one_value_and_wakes_on_drop_or_timeout() {
+        let (tx, rx) = oneshot();
+        let h = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            tx.send(7).unwrap();
+        });
+        assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(5)), Some(7));
+        h.join().unwrap();
+        // A sender dropped unsent wakes the receiver at once.
+        let (tx, rx) = oneshot::<u8>();
+        let t = std::time::Instant::now();
+        let h = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            drop(tx);
+        });
+        assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(5)), None);
+        assert!(t.elapsed() < std::time::Duration::from_secs(4));
+        h.join().unwrap();
+        // No sender activity: the limit ends the wait.
+        let (tx, rx) = oneshot::<u8>();
+        assert_eq!(rx.recv_timeout(std::time::Duration::from_millis(30)), None);
+        // The receiver gone: the value comes back.
+        drop(rx);
+        assert_eq!(tx.send(3), Err(3));
     }
 
     #[test]
