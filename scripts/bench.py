@@ -576,6 +576,13 @@ def report():
     serf_v = subprocess.run(["serf", "version"], capture_output=True, text=True).stdout.splitlines()[0]
     mosq_v = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "mosquitto"], capture_output=True, text=True).stdout
     cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
+    steal = ""
+    if "cpu_start" in results:
+        d = [b - a for a, b in zip(results["cpu_start"], cpu_times())]
+        if sum(d[:8]) > 0:
+            # A virtual machine's cores are shared: how much of their time the host
+            # gave to others, which slows every figure here, krill's and the rest.
+            steal = f"; CPU steal during the run {100 * d[7] / sum(d[:8]):.0f} %"
     started = os.environ.get("BENCH_STARTED")
     whole = ""
     if started:
@@ -585,7 +592,7 @@ def report():
         "# krill benchmarks",
         "",
         f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {RUNS} runs per figure: median (min–max).",
-        f"Machine: {cpu}, {os.cpu_count()} cores, Linux {platform.release()}.",
+        f"Machine: {cpu}, {os.cpu_count()} cores, Linux {platform.release()}{steal}.",
         f"Sections took: {', '.join(results.get('took', []))}{whole}.",
         f"Versions: {v}, serf {serf_v.split()[-1]}, mosquitto {mosq_v}. All in the mesh lab (network namespaces on one bridge).",
         "krill finds peers by multicast beacons; Serf agents join the first agent (its mDNS discovery",
@@ -638,8 +645,13 @@ def report():
     print("\n".join(lines))
 
 
+def cpu_times():
+    return [int(x) for x in open("/proc/stat").readline().split()[1:]]
+
+
 def main():
     sections = sys.argv[1:] or ["footprint", "discovery", "failure", "propagation", "throughput"]
+    results["cpu_start"] = cpu_times()
     try:
         for s in sections:
             log(f"== {s}")
