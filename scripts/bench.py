@@ -586,8 +586,8 @@ def report():
     started = os.environ.get("BENCH_STARTED")
     whole = ""
     if started:
-        t = time.time() - int(started)
-        whole = f"; the whole `scripts/bench`, installs and build included: {t // 60:.0f} min {t % 60:.0f} s"
+        t = round(time.time() - int(started))
+        whole = f"; the whole `scripts/bench`, installs and build included: {t // 60} min {t % 60} s"
     lines = [
         "# krill benchmarks",
         "",
