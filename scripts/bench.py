@@ -364,6 +364,11 @@ def krill_latency():
     stop.set()
     c.close()
     lab("down")
+    return latencies(sent, seen)
+
+
+def latencies(sent, seen):
+    """Milliseconds from sending to seeing each value that arrived, sorted."""
     return sorted((seen[v] - sent[v]) * 1000 for v in sent if v in seen)
 
 
@@ -427,18 +432,21 @@ def mosquitto_latency(tls):
         p.kill()
         p.wait()
     lab("down")
-    return sorted((mseen[v] - msent[v]) * 1000 for v in msent if v in mseen)
+    return latencies(msent, mseen)
 
 
-PROPAGATION = (("krill", "krill (HTTPS POST -> SSE)", krill_latency),
-               ("mosq", "Mosquitto bridge (publish -> subscribe)", lambda: mosquitto_latency(False)),
-               ("mosq_tls", "Mosquitto bridge over TLS", lambda: mosquitto_latency(True)))
+# key, table row, chart line, one run's measurement
+PROPAGATION = (("krill", "krill", "krill (HTTPS POST -> SSE)", krill_latency),
+               ("mosq", "Mosquitto bridge", "Mosquitto bridge (publish -> subscribe)",
+                lambda: mosquitto_latency(False)),
+               ("mosq_tls", "Mosquitto bridge over TLS", "Mosquitto bridge over TLS",
+                lambda: mosquitto_latency(True)))
 
 
 def propagation():
     """Each run measures all three in turn, so they share the machine's state."""
     for _ in range(RUNS):
-        for key, _title, measure in PROPAGATION:
+        for key, _, _, measure in PROPAGATION:
             lat = measure()
             results.setdefault(f"{key}_runs", []).append(lat)
             log(f"  {key}: p50 {pct(lat, 50):.2f} ms, p99 {pct(lat, 99):.2f} ms, lost {UPDATES - len(lat)}")
@@ -534,7 +542,7 @@ def targets():
     if "SIGTERM" in f and m(f["SIGTERM"][0]) is not None:
         k = m(f["SIGTERM"][0])
         row("SIGTERM noticed", f"{k:.2f} s ({k / 0.5:.2f} of 0.5 s)", "< 0.5 s", k < 0.5)
-    k, mq, mt = (m(med([pct(x, 99) for x in results.get(f"{key}_runs", [])])) for key, _, _ in PROPAGATION)
+    k, mq, mt = (m(med([pct(x, 99) for x in results.get(f"{key}_runs", [])])) for key, *_ in PROPAGATION)
     if k is not None and mq is not None:
         tls = f"; {k / mt:.2f} of the TLS bridge's {mt:.2f} ms" if mt else ""
         row("propagation p99", f"{k:.2f} ms ({k / 5:.2f} of 5 ms, {k / mq:.2f} of Mosquitto's {mq:.2f} ms{tls})",
@@ -552,7 +560,7 @@ def report():
     os.makedirs(os.path.join(ROOT, "bench"), exist_ok=True)
     # Chart: latency distributions, all runs pooled (gnuplot).
     pooled = [(title, sorted(x for run in results.get(f"{key}_runs", []) for x in run))
-              for key, title, _ in PROPAGATION]
+              for key, _, title, _ in PROPAGATION]
     pooled = [(t, xs) for t, xs in pooled if xs]
     data = os.path.join(ROOT, "bench", "latency.dat")
     if pooled:
@@ -570,7 +578,6 @@ def report():
             set key bottom right;
             plot {plots}
         """], check=False)
-    if os.path.exists(data):
         os.remove(data)
     v = subprocess.run([BIN, "--version"], capture_output=True, text=True).stdout.strip()
     serf_v = subprocess.run(["serf", "version"], capture_output=True, text=True).stdout.splitlines()[0]
@@ -623,13 +630,13 @@ def report():
                   "on both sides, one update every 5 ms. The TLS bridge row is for comparison: krill's hops are",
                   "always TLS, the plain bridge's are not.", "",
                   "| | p50 | p99 | max | lost |", "|---|---|---|---|---|"]
-        for key, title, _ in PROPAGATION:
+        for key, label, _, _ in PROPAGATION:
             runs = results.get(f"{key}_runs", [])
             if runs:
                 cells = [fmt(med([pct(x, q) for x in runs]), " ms", digits=2) for q in (50, 99)]
                 cells.append(fmt(med([x[-1] if x else None for x in runs]), " ms", digits=2))
                 lost = sum(UPDATES - len(x) for x in runs)
-                lines.append(f"| {title.split(' (')[0]} | {' | '.join(cells)} | {lost} |")
+                lines.append(f"| {label} | {' | '.join(cells)} | {lost} |")
         lines += ["", "![latency distributions](latency.png)", ""]
     if "throughput" in results:
         lines += ["## Throughput: updates from one host that each of 3 others receives, none lost", "",

@@ -516,7 +516,7 @@ fn forward(
 }
 
 fn subscribe(ctx: &HttpCtx, rq: Request, all: bool) -> Next {
-    let (tx, rx) = crossbeam_channel::bounded(1);
+    let (tx, rx) = util::oneshot();
     let last_event_id = header(&rq, "Last-Event-ID").map(str::to_string);
     let ev = Event::Subscribe {
         scope_all: all,
@@ -527,7 +527,7 @@ fn subscribe(ctx: &HttpCtx, rq: Request, all: bool) -> Next {
         return error(ctx, rq, 503, "shutting down");
     }
     match rx.recv_timeout(STATE_REPLY_TIMEOUT) {
-        Ok(SubReply::Ok { id, initial, rx }) => {
+        Some(SubReply::Ok { id, initial, rx }) => {
             let w = rq.into_detached_writer();
             let (counters, tx, keepalive) = (ctx.counters.clone(), ctx.tx.clone(), ctx.keepalive);
             let spawned = std::thread::Builder::new()
@@ -543,7 +543,7 @@ fn subscribe(ctx: &HttpCtx, rq: Request, all: bool) -> Next {
             }
             Next::Done
         }
-        Ok(SubReply::TooMany) => {
+        Some(SubReply::TooMany) => {
             let body = json!({"error": format!("too many SSE subscribers (max {})", proto::MAX_SSE_SUBSCRIBERS)});
             let r = json_response(503, body.to_string()).with_header(
                 Header::from_bytes("Retry-After", proto::SSE_RETRY_AFTER_S.to_string())
@@ -552,7 +552,7 @@ fn subscribe(ctx: &HttpCtx, rq: Request, all: bool) -> Next {
             let _ = rq.respond(r);
             Next::Done
         }
-        Err(_) => error(ctx, rq, 503, "the state thread did not answer in time"),
+        None => error(ctx, rq, 503, "the state thread did not answer in time"),
     }
 }
 

@@ -173,7 +173,7 @@ pub enum Event {
     Subscribe {
         scope_all: bool,
         last_event_id: Option<String>,
-        reply: Sender<SubReply>,
+        reply: util::OneTx<SubReply>,
     },
     Unsubscribe(u64),
     /// An authenticated request named its sender (`X-Krill-Peer`).
@@ -981,7 +981,7 @@ impl State {
         Arc::new(Frame {
             seq: self.seq,
             own: true,
-            text: sse::frame_text(&self.me.session_id, self.seq, "snapshot", &data.to_string()),
+            text: sse::frame_json(&self.me.session_id, self.seq, "snapshot", &data),
         })
     }
 

@@ -231,8 +231,7 @@ impl<T> OneTx<T> {
             return Err(value);
         }
         self.0.state.lock().0 = Some(value);
-        Ok(())
-        // Drop wakes the receiver.
+        Ok(()) // dropping `self` wakes the receiver
     }
 }
 
@@ -245,7 +244,7 @@ impl<T> Drop for OneTx<T> {
 
 impl<T> OneRx<T> {
     /// The answer; `None` when the sender went away without one or `limit` passed.
-    pub fn recv_timeout(&self, limit: std::time::Duration) -> Option<T> {
+    pub fn recv_timeout(&self, limit: Duration) -> Option<T> {
         let deadline = std::time::Instant::now() + limit;
         let mut state = self.0.state.lock();
         loop {
